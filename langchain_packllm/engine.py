@@ -1,0 +1,543 @@
+"""The fusion engine: members score the prompt, weights are solved, decoding samples from the mix.
+
+``FusionEngine`` knows nothing of LangChain. It serves the LangChain adapters, the evaluation harness, the
+benchmarks and the CLI. Per call:
+
+1. Prefill: one forward per member over the (left-padded) batch of prompts. Its logits give every member's
+   prompt log-probabilities, hence the weights, and the first new token; its KV cache continues decoding.
+2. Weights: one solve per prompt (see :mod:`langchain_packllm.weights`).
+3. Decode: each step is one cached single-token forward per member, then the mix
+   ``sum_k w_k log_softmax(s_k)`` (Eq. 1), transformers' logits processors, and argmax or sampling.
+
+Example::
+
+    >>> engine = FusionEngine([load_member("./experts/code"), load_member("./experts/docs")])
+    >>> out = engine.generate(["def main("], sampling=SamplingConfig(max_new_tokens=16))[0]
+    >>> out.text, out.report.weights
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from langchain_packllm import weights as weights_lib
+from langchain_packllm.members import Member
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightingConfig:
+    """How the per-prompt weights are chosen (see :mod:`langchain_packllm.weights`)."""
+
+    weighting: str | tuple[float, ...] = "optimal"
+    tau: float = 1.0
+    grid_step: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weighting, str):
+            object.__setattr__(self, "weighting", tuple(float(w) for w in self.weighting))
+        if not (self.tau > 0 and math.isfinite(self.tau)):
+            raise ValueError(f"tau must be a positive number; got {self.tau!r}.")
+        weights_lib.check_strategy(self.weighting)
+        if self.weighting in ("greedy", "grid"):
+            weights_lib._grid_divisions(self.grid_step)
+
+    @property
+    def name(self) -> str:
+        return self.weighting if isinstance(self.weighting, str) else "fixed"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding settings. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(s for s in (self.stop or ()) if s))
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0; got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None; got {self.top_k}.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] or None; got {self.top_p}.")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 or None; got {self.repetition_penalty}.")
+
+    def processors(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.temperature > 0:
+            if self.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k is not None:
+                procs.append(TopKLogitsWarper(self.top_k))
+            if self.top_p is not None and self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+
+@dataclass
+class FusionReport:
+    """Why the pack answered as it did, for one prompt."""
+
+    weights: dict[str, float]
+    perplexities: dict[str, float]
+    fused_perplexity: float
+    order: list[str]
+    weighting: str
+    solve_seconds: float
+    prompt_tokens: int
+    fallback: str | None = None
+    truncated: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FusionOutput:
+    """One prompt's generation: text (stop sequences cut), new token ids, why it ended, and the report."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop sequence) or "length"
+    report: FusionReport
+
+
+@dataclass
+class StreamChunk:
+    """A piece of streamed text; the last chunk of a stream carries the whole ``output``."""
+
+    text: str
+    output: FusionOutput | None = None
+
+
+@dataclass
+class LoglikelihoodResult:
+    """lm-evaluation-harness semantics: natural-log likelihood and whether greedy decoding would match."""
+
+    logprob: float
+    is_greedy: bool
+    report: FusionReport
+
+
+@dataclass
+class _Prefill:
+    caches: list[DynamicCache]
+    attention_mask: torch.Tensor  # (B, L) on the mix device
+    next_positions: torch.Tensor  # (B, 1) position id of the next token
+    weights: torch.Tensor  # (B, K) on the mix device
+    last_logprobs: list[torch.Tensor]  # K x (B, V): each member's next-token log-probs
+    reports: list[FusionReport]
+    input_ids: torch.Tensor  # (B, L) left-padded prompt ids, mix device
+
+
+@dataclass
+class _Row:
+    """Decoding state of one prompt: generated ids, decoded text, where it stopped, what was streamed."""
+
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    done: bool = False
+    finish_reason: str = "length"
+    emitted: int = 0
+
+
+class FusionEngine:
+    """Fuses members that share one vocabulary; the weights are solved per prompt.
+
+    Args:
+        members: the pack, in the order reports list them.
+        mix_device: where the mix, the weight solve and sampling run (default: the first member's device).
+
+    Thread safety: calls are serialised by an internal lock, so concurrent callers (LangChain's thread-pool
+    ``batch``) never share a cache or a random generator.
+    """
+
+    def __init__(self, members: Sequence[Member], mix_device: str | torch.device | None = None):
+        members = list(members)
+        if not members:
+            raise ValueError("A pack needs at least one member; got an empty list.")
+        names = [m.name for m in members]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"Member names must be unique; got {names}. Pass names=[...] to tell them apart."
+            )
+        self.members = members
+        self.mix_device = torch.device(mix_device) if mix_device is not None else members[0].device
+        self._check_shared_vocabulary()
+        self.vocab_size = min(m.vocab_size for m in members)
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ set-up
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    @property
+    def tokenizer(self):
+        """The tokenizer prompts are encoded with (members share it)."""
+        return self.members[0].tokenizer
+
+    @property
+    def max_length(self) -> int | None:
+        lengths = [m.max_length for m in self.members if m.max_length is not None]
+        return min(lengths) if lengths else None
+
+    def _check_shared_vocabulary(self) -> None:
+        ref = self.members[0]
+        ref_vocab = ref.tokenizer.get_vocab()
+        for other in self.members[1:]:
+            if other.tokenizer.get_vocab() != ref_vocab:
+                raise ValueError(
+                    f"Members {ref.name!r} and {other.name!r} have different vocabularies. This version fuses "
+                    "members that share one tokenizer; pick members of one model family."
+                )
+        too_big = max(ref_vocab.values(), default=-1)
+        for m in self.members:
+            if m.vocab_size <= too_big:
+                raise ValueError(
+                    f"Member {m.name!r} has {m.vocab_size} output logits but its tokenizer has token id "
+                    f"{too_big}; the model and tokenizer do not match."
+                )
+
+    # ------------------------------------------------------------------ tokens
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt (with the tokenizer's special tokens, e.g. BOS)."""
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _start_token(self) -> int:
+        tok = self.tokenizer
+        for tid in (tok.bos_token_id, tok.eos_token_id):
+            if tid is not None:
+                return int(tid)
+        raise ValueError(
+            "The prompt is empty and the tokenizer has neither a BOS nor an EOS token to start from; "
+            "pass a non-empty prompt."
+        )
+
+    def _fit(self, ids: list[int], reserve: int) -> tuple[list[int], bool, str | None]:
+        """Make a prompt decodable: a start token if empty, the tail if it is longer than the context."""
+        fallback = None
+        if not ids:
+            ids = [self._start_token()]
+            fallback = "empty prompt: decoding from the start token with uniform weights"
+        limit = self.max_length
+        truncated = False
+        if limit is not None:
+            room = limit - reserve
+            if room < 1:
+                raise ValueError(
+                    f"max_new_tokens={reserve} leaves no room for the prompt in the shortest member context "
+                    f"({limit} tokens); lower max_new_tokens."
+                )
+            if len(ids) > room:
+                warnings.warn(
+                    f"Prompt of {len(ids)} tokens is longer than the {room} tokens the members' context "
+                    f"({limit}) leaves after max_new_tokens={reserve}; keeping the last {room} tokens.",
+                    stacklevel=3,
+                )
+                ids, truncated = ids[-room:], True
+        return ids, truncated, fallback
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _forward(self, member: Member, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """One member's forward; returns log-probs ``(B, L, V)`` (at least float32) on the mix device."""
+        dev = member.device
+        out = member.model(
+            input_ids=input_ids.to(dev),
+            attention_mask=attention_mask.to(dev),
+            position_ids=position_ids.to(dev),
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        logits = out.logits[..., : self.vocab_size]
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # half precision mixes in float32
+        logprobs = torch.log_softmax(logits.to(dtype), dim=-1).to(self.mix_device)
+        if torch.isnan(logprobs).any():
+            raise FloatingPointError(
+                f"Member {member.name!r} produced NaN logits; check its weights and dtype (float16 overflow "
+                "is a common cause: try torch_dtype='bfloat16' or 'float32')."
+            )
+        return logprobs
+
+    def _pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad: ``(B, L)`` ids and attention mask on the mix device."""
+        L = max(len(ids) for ids in batch)
+        pad = self._start_token() if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
+        input_ids = torch.full((len(batch), L), int(pad), dtype=torch.long)
+        mask = torch.zeros((len(batch), L), dtype=torch.long)
+        for b, ids in enumerate(batch):
+            input_ids[b, L - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask[b, L - len(ids) :] = 1
+        return input_ids.to(self.mix_device), mask.to(self.mix_device)
+
+    def member_logprobs(self, batch: list[list[int]], *, use_cache: bool = False):
+        """Prefill every member on a batch of token-id lists.
+
+        Returns ``(logprobs, input_ids, attention_mask, caches)`` where ``logprobs`` is a list of K tensors
+        ``(B, L, V)`` (float32, mix device), positions left-padded to ``L``.
+        """
+        input_ids, mask = self._pad(batch)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        caches, logprobs = [], []
+        with torch.inference_mode():
+            for member in self.members:
+                cache = DynamicCache(config=member.model.config) if use_cache else None
+                logprobs.append(self._forward(member, input_ids, mask, positions, cache))
+                caches.append(cache)
+        return logprobs, input_ids, mask, caches
+
+    # ------------------------------------------------------------------ weights
+
+    def _solve(
+        self, prompt_lp: torch.Tensor, targets: torch.Tensor, config: WeightingConfig, fallback: str | None
+    ) -> tuple[torch.Tensor, FusionReport]:
+        """Weights and report for one prompt. ``prompt_lp`` is ``(K, T, V)``, ``targets`` ``(T,)``."""
+        K, T = prompt_lp.shape[0], prompt_lp.shape[1]
+        names = self.names
+        start = time.perf_counter()
+        if T == 0:
+            if fallback is None:
+                fallback = "prompt has fewer than 2 tokens: no perplexity, uniform weights"
+            w = weights_lib.uniform(K)
+            if not isinstance(config.weighting, str):
+                w = weights_lib.check_fixed(config.weighting, K)
+            ppl = torch.full((K,), float("nan"), dtype=torch.float64)
+            fused_ppl = float("nan")
+        else:
+            w = weights_lib.solve(
+                config.weighting, prompt_lp, targets, tau=config.tau, grid_step=config.grid_step
+            )
+            ppl = weights_lib.perplexities(prompt_lp, targets).cpu()
+            fused_ppl = math.exp(weights_lib.prompt_loss(w, prompt_lp, targets))
+        seconds = time.perf_counter() - start
+        order = [names[i] for i in torch.argsort(ppl, stable=True).tolist()] if T else list(names)
+        report = FusionReport(
+            weights={n: float(v) for n, v in zip(names, w.tolist())},
+            perplexities={n: float(v) for n, v in zip(names, ppl.tolist())},
+            fused_perplexity=fused_ppl,
+            order=order,
+            weighting=config.name,
+            solve_seconds=seconds,
+            prompt_tokens=T + 1,
+            fallback=fallback,
+        )
+        return w, report
+
+    def _prefill(
+        self, prompts: Sequence[str], config: WeightingConfig, reserve: int, use_cache: bool = True
+    ) -> _Prefill:
+        fitted = [self._fit(self.encode(p), reserve) for p in prompts]
+        batch = [ids for ids, _, _ in fitted]
+        logprobs, input_ids, mask, caches = self.member_logprobs(batch, use_cache=use_cache)
+        L = input_ids.shape[1]
+        rows_w, reports = [], []
+        for b, (ids, truncated, fallback) in enumerate(fitted):
+            first = L - len(ids)
+            prompt_lp = torch.stack([lp[b, first : L - 1] for lp in logprobs])  # (K, n-1, V)
+            targets = input_ids[b, first + 1 :]  # (n-1,)
+            w, report = self._solve(prompt_lp, targets, config, fallback)
+            report.truncated = truncated
+            report.prompt_tokens = len(ids)
+            rows_w.append(w)
+            reports.append(report)
+        weights = torch.stack(rows_w).to(self.mix_device, logprobs[0].dtype)  # (B, K)
+        positions = mask.sum(-1, keepdim=True)  # (B, 1)
+        last = [lp[:, -1] for lp in logprobs]  # K x (B, V)
+        return _Prefill(caches, mask, positions, weights, last, reports, input_ids)
+
+    def report(self, prompt: str, weighting: WeightingConfig | None = None) -> FusionReport:
+        """The weights and perplexities the pack would use for ``prompt`` (prefill only, no decoding)."""
+        with self._lock:
+            return self._prefill(
+                [prompt], weighting or WeightingConfig(), reserve=0, use_cache=False
+            ).reports[0]
+
+    # ------------------------------------------------------------------ decoding
+
+    @staticmethod
+    def _mix(weights: torch.Tensor, logprobs: list[torch.Tensor]) -> torch.Tensor:
+        """Eq. 1 in log space: ``sum_k w_k log p_k``, ``(B, K), K x (B, V) -> (B, V)``."""
+        fused = weights[:, 0:1] * logprobs[0]
+        for k in range(1, len(logprobs)):
+            fused = fused + weights[:, k : k + 1] * logprobs[k]
+        return fused
+
+    def _decode(
+        self, prompts: Sequence[str], weighting: WeightingConfig, sampling: SamplingConfig
+    ) -> Iterator[tuple[list[_Row], list[FusionReport]]]:
+        """Generator over decode steps: yields the rows' state after the prefill and after every step."""
+        state = self._prefill(prompts, weighting, reserve=sampling.max_new_tokens)
+        rows = [_Row() for _ in prompts]
+        if sampling.max_new_tokens == 0:
+            yield rows, state.reports
+            return
+        eos = set().union(*(m.eos_token_ids for m in self.members))
+        processors = sampling.processors()
+        generator = None
+        if sampling.temperature > 0 and sampling.seed is not None:
+            generator = torch.Generator(device=self.mix_device).manual_seed(int(sampling.seed))
+        sequences = state.input_ids  # (B, L + t)
+        mask, positions = state.attention_mask, state.next_positions
+        lps = state.last_logprobs
+        with torch.inference_mode():
+            for step in range(sampling.max_new_tokens):
+                scores = processors(sequences, self._mix(state.weights, lps))  # (B, V)
+                if sampling.temperature > 0:
+                    probs = torch.softmax(scores, dim=-1)
+                    next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                else:
+                    next_ids = torch.argmax(scores, dim=-1)  # (B,)
+                for row, tok in zip(rows, next_ids.tolist()):
+                    if not row.done:
+                        self._advance(row, tok, eos, sampling.stop)
+                yield rows, state.reports
+                if all(r.done for r in rows) or step == sampling.max_new_tokens - 1:
+                    return
+                sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                lps = [
+                    self._forward(m, next_ids[:, None], mask, positions, cache)[:, -1]
+                    for m, cache in zip(self.members, state.caches)
+                ]
+                positions = positions + 1
+
+    def _advance(self, row: _Row, token: int, eos: set[int], stop: tuple[str, ...]) -> None:
+        if token in eos:
+            row.done, row.finish_reason = True, "stop"
+            return
+        row.ids.append(token)
+        row.text = self.decode(row.ids)
+        cut = min((i for i in (row.text.find(s) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            row.text = row.text[:cut]
+            row.done, row.finish_reason = True, "stop"
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        weighting: WeightingConfig | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> list[FusionOutput]:
+        """Decode a batch of prompts together, each with its own weights."""
+        if isinstance(prompts, str):
+            raise TypeError("generate() takes a list of prompts; wrap a single prompt in a list.")
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        weighting, sampling = weighting or WeightingConfig(), sampling or SamplingConfig()
+        with self._lock:
+            *_, (rows, reports) = self._decode(prompts, weighting, sampling)  # run to the last step
+        return [FusionOutput(r.text, list(r.ids), r.finish_reason, rep) for r, rep in zip(rows, reports)]
+
+    def stream(
+        self,
+        prompt: str,
+        weighting: WeightingConfig | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> Iterator[StreamChunk]:
+        """Stream one prompt's text. Chunks never split a UTF-8 character nor show part of a stop sequence;
+        they concatenate to ``generate([prompt])[0].text``. The last chunk carries the full output."""
+        weighting, sampling = weighting or WeightingConfig(), sampling or SamplingConfig()
+        with self._lock:
+            for rows, reports in self._decode([prompt], weighting, sampling):  # noqa: B007
+                row = rows[0]
+                if row.done:
+                    break
+                safe = _safe_prefix_length(row.text, sampling.stop)
+                if safe > row.emitted:
+                    yield StreamChunk(row.text[row.emitted : safe])
+                    row.emitted = safe
+        output = FusionOutput(row.text, list(row.ids), row.finish_reason, reports[0])
+        yield StreamChunk(row.text[row.emitted :], output=output)
+
+    # ------------------------------------------------------------------ scoring
+
+    def loglikelihood(
+        self, requests: Sequence[tuple[str, str]], weighting: WeightingConfig | None = None
+    ) -> list[LoglikelihoodResult]:
+        """Log-likelihood of each ``continuation`` given its ``context`` under the fused model, with the
+        weights solved on the context alone (lm-evaluation-harness ``loglikelihood`` semantics)."""
+        weighting = weighting or WeightingConfig()
+        results = []
+        with self._lock:
+            for context, continuation in requests:
+                ctx_ids = self.encode(context) or [self._start_token()]
+                n_ctx = len(ctx_ids)
+                whole = self.encode(context + continuation) if context else []
+                if whole[:n_ctx] != ctx_ids:  # empty context, or tokenisation merged across the boundary
+                    whole = ctx_ids + list(
+                        self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+                    )
+                if len(whole) == n_ctx:
+                    raise ValueError(
+                        f"Continuation {continuation!r} encodes to no tokens; it has no likelihood."
+                    )
+                limit = self.max_length
+                if limit is not None and len(whole) > limit:
+                    raise ValueError(
+                        f"Context plus continuation is {len(whole)} tokens, longer than the members' context "
+                        f"({limit}); shorten the context."
+                    )
+                (lp_list, input_ids, _, _) = self.member_logprobs([whole])
+                lp = torch.stack([x[0] for x in lp_list])  # (K, L, V)
+                ids = input_ids[0]
+                fallback = None if context else "empty context: uniform weights"
+                w, report = self._solve(lp[:, : n_ctx - 1], ids[1:n_ctx], weighting, fallback)
+                report.prompt_tokens = n_ctx
+                fused = torch.einsum("k,ktv->tv", w.to(lp), lp[:, n_ctx - 1 : -1])  # (C, V)
+                fused = torch.log_softmax(fused.double(), dim=-1)
+                cont = ids[n_ctx:]
+                logprob = float(fused.gather(-1, cont.view(-1, 1)).sum())
+                is_greedy = bool((fused.argmax(-1) == cont).all())
+                results.append(LoglikelihoodResult(logprob, is_greedy, report))
+        return results
+
+
+def _safe_prefix_length(text: str, stop: tuple[str, ...]) -> int:
+    """How much of ``text`` can be shown now: not a trailing partial UTF-8 character (decoded as U+FFFD),
+    and not a suffix that could be the start of a stop sequence."""
+    end = len(text)
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, end), 0, -1):
+            if text[end - n : end] == s[:n]:
+                hold = max(hold, n)
+                break
+    return end - hold

@@ -1,0 +1,143 @@
+"""Members of a pack: a causal LM, its tokenizer, a name, and where it runs.
+
+Loading goes through ``AutoModelForCausalLM`` / ``AutoTokenizer`` from a hub id or a local path, never with
+remote code unless the caller passes ``trust_remote_code=True``. Loaded members are kept in a process-level
+cache keyed by (id, dtype, device, kwargs), so building several LangChain objects over the same models (for
+instance through ``configurable_fields``) loads nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+_CACHE: dict[str, Member] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+@dataclass
+class Member:
+    """One model of the pack. ``name`` is what reports call it (the model id or path by default)."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the model's output layer (may exceed ``len(tokenizer)`` because of padding)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest sequence the model accepts, from its config, or None when unbounded/unknown."""
+        cfg = self.model.config
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(cfg, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (
+            self.tokenizer.eos_token_id,
+            getattr(self.model.generation_config, "eos_token_id", None),
+        ):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(i) for i in source)
+        return ids
+
+
+def _resolve_dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    if torch_dtype is None or isinstance(torch_dtype, torch.dtype) or torch_dtype == "auto":
+        return torch_dtype
+    value = getattr(torch, str(torch_dtype).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"Unknown torch_dtype {torch_dtype!r}; use e.g. 'float32', 'bfloat16' or 'auto'.")
+    return value
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def load_member(
+    model_id: str,
+    *,
+    name: str | None = None,
+    device: str | torch.device | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    tokenizer_kwargs: dict[str, Any] | None = None,
+) -> Member:
+    """Load (or fetch from the process cache) one member from a hub id or a local directory.
+
+    ``device`` is a torch device string; pass ``model_kwargs={"device_map": "auto"}`` to let accelerate
+    spread a large model over several devices instead. ``trust_remote_code`` stays False unless it is in
+    ``model_kwargs`` / ``tokenizer_kwargs``.
+    """
+    model_kwargs = dict(model_kwargs or {})
+    tokenizer_kwargs = dict(tokenizer_kwargs or {})
+    dtype = _resolve_dtype(torch_dtype)
+    uses_device_map = "device_map" in model_kwargs
+    target = None if uses_device_map else torch.device(device or default_device())
+    key = json.dumps(
+        [model_id, str(dtype), str(target), model_kwargs, tokenizer_kwargs], sort_keys=True, default=str
+    )
+    with _CACHE_LOCK:
+        cached = _CACHE.get(key)
+        if cached is not None:
+            return Member(name or model_id, cached.model, cached.tokenizer)
+        model_kwargs.setdefault("trust_remote_code", False)
+        tokenizer_kwargs.setdefault("trust_remote_code", False)
+        if dtype is not None:
+            model_kwargs.setdefault("dtype", dtype)
+        looks_local = os.path.sep in model_id or model_id.startswith(".") or os.path.exists(model_id)
+        if looks_local and not os.path.isdir(model_id):
+            raise FileNotFoundError(
+                f"Model path {model_id!r} does not exist; pass a directory saved with save_pretrained "
+                "or a hub id such as 'gpt2'."
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_id, **tokenizer_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(model_id, **model_kwargs)
+        except OSError as err:
+            raise OSError(
+                f"Could not load member {model_id!r}: {err}. Check the path or hub id, and the network "
+                "if it is a hub id."
+            ) from err
+        if target is not None:
+            model = model.to(target)
+        model.eval()
+        member = Member(model_id, model, tokenizer)
+        _CACHE[key] = member
+        logger.info("Loaded member %s on %s", model_id, member.device)
+        return Member(name or model_id, model, tokenizer)
+
+
+def clear_cache() -> None:
+    """Forget every loaded member (frees them once nothing else holds a reference)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()

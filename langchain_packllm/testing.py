@@ -1,0 +1,117 @@
+"""Tiny random-weight members for tests, examples and benchmarks (no model hub needed).
+
+``make_tiny_pack(dir, archs=("gpt2", "llama"))`` trains a small byte-level BPE tokenizer with the
+``tokenizers`` library on text from the Python standard library, builds one randomly initialised causal LM
+per architecture from a transformers config, and saves each with ``save_pretrained`` so that it loads back
+through ``AutoModelForCausalLM.from_pretrained(path)``.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def stdlib_text(max_chars: int = 400_000) -> str:
+    """Real text that every Python install has: the standard library's own source."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        parts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return "\n".join(parts)
+
+
+def train_bytelevel_tokenizer(text: str, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE tokenizer trained on ``text``."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIALS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = text.splitlines(keepends=True)
+    tok.train_from_iterator([lines[i : i + 200] for i in range(0, len(lines), 200)], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
+
+
+ARCH_CONFIGS = {
+    "gpt2": dict(model_type="gpt2", n_layer=2, n_embd=64, n_head=4, n_positions=256),
+    "llama": dict(
+        model_type="llama",
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=256,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=256,
+    ),
+}
+
+
+def make_tiny_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0, init_scale: float = 0.5):
+    """A random causal LM of the named architecture over ``tokenizer``'s vocabulary.
+
+    ``init_scale`` widens the initialisation so that the random models have peaked, distinct distributions
+    (as trained experts do) rather than near-uniform ones.
+    """
+    spec = dict(ARCH_CONFIGS[arch])
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=init_scale,
+        tie_word_embeddings=False,
+        **spec,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def make_tiny_pack(
+    directory: str | Path,
+    archs: Sequence[str] = ("gpt2", "llama"),
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> list[str]:
+    """Save one tiny member per architecture under ``directory``; returns their paths."""
+    directory = Path(directory)
+    tokenizer = train_bytelevel_tokenizer(stdlib_text(), vocab_size)
+    paths = []
+    for i, arch in enumerate(archs):
+        path = directory / f"{arch}-{i}"
+        model = make_tiny_model(arch, tokenizer, seed=seed + i)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(str(path))
+    return paths

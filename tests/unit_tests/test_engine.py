@@ -1,0 +1,213 @@
+"""The engine against a naive fused decoder written plainly here: no cache, no padding, every member
+re-run on the whole sequence at every step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from langchain_packllm import FusionEngine, PackLLM, SamplingConfig, WeightingConfig
+from langchain_packllm import weights as W
+from langchain_packllm.members import load_member
+
+
+@pytest.fixture(scope="module")
+def members64(tiny_paths):
+    return [load_member(p, torch_dtype="float64", device="cpu") for p in tiny_paths]
+
+
+def naive_greedy(members, weights, prompt: str, max_new_tokens: int) -> list[int]:
+    tok = members[0].tokenizer
+    ids = list(tok(prompt)["input_ids"])
+    eos = {tok.eos_token_id}
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            fused = 0
+            for w, m in zip(weights, members):
+                logits = m.model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+                fused = fused + w * torch.log_softmax(logits, -1)
+            nxt = int(torch.argmax(fused))
+            if nxt in eos:
+                break
+            out.append(nxt)
+            ids.append(nxt)
+    return out
+
+
+PROMPTS = ["def main(argv):\n    return", "import os", 'class Parser(object):\n    """Parse the', "x"]
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_fixed_weight_greedy_equals_naive_decoder(members64, K: int) -> None:
+    members = members64[:K]
+    fixed = [1.0 / K] * K if K != 2 else [0.7, 0.3]
+    engine = FusionEngine(members)
+    outs = engine.generate(PROMPTS, WeightingConfig(weighting=fixed), SamplingConfig(max_new_tokens=12))
+    for prompt, out in zip(PROMPTS, outs):
+        assert len(out.token_ids) == 12 and out.finish_reason == "length"
+        assert out.token_ids == naive_greedy(members, fixed, prompt, 12), prompt
+        assert out.report.weights == pytest.approx(dict(zip(engine.names, fixed)))
+
+
+def test_batch_equals_single_prompts_with_solved_weights(members64) -> None:
+    engine = FusionEngine(members64)
+    batch = engine.generate(PROMPTS, WeightingConfig("optimal"), SamplingConfig(max_new_tokens=10))
+    for prompt, out in zip(PROMPTS, batch):
+        alone = engine.generate([prompt], WeightingConfig("optimal"), SamplingConfig(max_new_tokens=10))[0]
+        assert out.token_ids == alone.token_ids
+        assert list(out.report.weights.values()) == pytest.approx(
+            list(alone.report.weights.values()), abs=1e-6
+        )
+        w = list(out.report.weights.values())
+        assert out.token_ids == naive_greedy(members64, w, prompt, 10)
+
+
+def plain_prompt_logprobs(members, prompt):
+    tok = members[0].tokenizer
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        lp = torch.stack(
+            [torch.log_softmax(m.model(input_ids=ids).logits[0, :-1].double(), -1) for m in members]
+        )
+    return lp, ids[0, 1:]
+
+
+@pytest.mark.parametrize("weighting", ["optimal", "greedy", "grid", "sim", "uniform", "top1"])
+def test_report_matches_plain_recomputation(members64, weighting: str) -> None:
+    engine = FusionEngine(members64)
+    prompt = PROMPTS[2]
+    report = engine.report(prompt, WeightingConfig(weighting, tau=0.5, grid_step=0.1))
+    lp, y = plain_prompt_logprobs(members64, prompt)
+    expected = W.solve(weighting, lp, y, tau=0.5, grid_step=0.1)
+    assert list(report.weights.values()) == pytest.approx(expected.tolist(), abs=1e-6)
+    ppl = [math.exp(-float(lp[k].gather(-1, y[:, None]).mean())) for k in range(3)]
+    assert list(report.perplexities.values()) == pytest.approx(ppl, rel=1e-9)
+    assert report.order == [engine.names[i] for i in sorted(range(3), key=lambda k: ppl[k])]
+    assert report.fused_perplexity == pytest.approx(math.exp(W.prompt_loss(expected, lp, y)), rel=1e-6)
+    assert report.prompt_tokens == y.numel() + 1 and report.weighting == weighting and report.fallback is None
+    if weighting == "optimal":
+        for rival in ("grid", "greedy"):
+            rival_ppl = engine.report(prompt, WeightingConfig(rival, grid_step=0.1)).fused_perplexity
+            assert math.log(report.fused_perplexity) <= math.log(rival_ppl) + 1e-6
+
+
+def test_short_prompts_fall_back_to_uniform(members64) -> None:
+    engine = FusionEngine(members64)
+    for prompt in ["", "x"]:
+        assert len(engine.encode(prompt)) <= 1
+        out = engine.generate([prompt], WeightingConfig("optimal"), SamplingConfig(max_new_tokens=3))[0]
+        assert out.report.weights == pytest.approx({n: 1 / 3 for n in engine.names})
+        assert out.report.fallback
+        assert len(out.token_ids) <= 3
+
+
+def test_sampling_is_seeded_and_uses_processors(members64) -> None:
+    engine = FusionEngine(members64)
+    cfg = SamplingConfig(
+        max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=7
+    )
+    a = engine.generate(PROMPTS, sampling=cfg)
+    b = engine.generate(PROMPTS, sampling=cfg)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    c = engine.generate(PROMPTS, sampling=SamplingConfig(max_new_tokens=8, temperature=0.9, seed=8))
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+    # top_k=1 sampling is greedy decoding
+    k1 = engine.generate(PROMPTS, sampling=SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=1, seed=1))
+    greedy = engine.generate(PROMPTS, sampling=SamplingConfig(max_new_tokens=8))
+    assert [o.token_ids for o in k1] == [o.token_ids for o in greedy]
+
+
+def test_stop_sequences_cut_output_and_stream_concatenates(members64) -> None:
+    engine = FusionEngine(members64)
+    full = engine.generate([PROMPTS[0]], sampling=SamplingConfig(max_new_tokens=20))[0]
+    assert full.finish_reason == "length" and len(full.text) > 6
+    stop = full.text[3:6]
+    cut = engine.generate([PROMPTS[0]], sampling=SamplingConfig(max_new_tokens=20, stop=(stop,)))[0]
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert cut.finish_reason == "stop"
+    for cfg in (SamplingConfig(max_new_tokens=20), SamplingConfig(max_new_tokens=20, stop=(stop,))):
+        chunks = list(engine.stream(PROMPTS[0], sampling=cfg))
+        assert chunks[-1].output is not None
+        expected = engine.generate([PROMPTS[0]], sampling=cfg)[0].text
+        assert "".join(c.text for c in chunks) == expected
+        for c in chunks:
+            assert stop not in c.text or not cfg.stop
+
+
+def test_safe_prefix_holds_back_partial_characters_and_stops() -> None:
+    from langchain_packllm.engine import _safe_prefix_length
+
+    assert _safe_prefix_length("abc\ufffd", ()) == 3
+    assert _safe_prefix_length("hello wo", ("world",)) == 6
+    assert _safe_prefix_length("hello", ("xyz",)) == 5
+
+
+def test_max_new_tokens_zero_and_long_prompt(members64) -> None:
+    engine = FusionEngine(members64)
+    out = engine.generate(["import os"], sampling=SamplingConfig(max_new_tokens=0))[0]
+    assert out.text == "" and out.token_ids == [] and out.report.prompt_tokens > 1
+    long_prompt = "x = 1\n" * 300
+    with pytest.warns(UserWarning, match="keeping the last"):
+        out = engine.generate([long_prompt], sampling=SamplingConfig(max_new_tokens=4))[0]
+    assert out.report.truncated and out.report.prompt_tokens == engine.max_length - 4
+    with pytest.raises(ValueError, match="lower max_new_tokens"):
+        engine.generate(["x"], sampling=SamplingConfig(max_new_tokens=engine.max_length))
+
+
+def test_loglikelihood_matches_plain_sum(members64) -> None:
+    engine = FusionEngine(members64)
+    context, continuation = "def main(argv):\n", "    return 0"
+    res = engine.loglikelihood([(context, continuation)], WeightingConfig("optimal"))[0]
+    tok = members64[0].tokenizer
+    ctx = tok(context)["input_ids"]
+    whole = tok(context + continuation)["input_ids"]
+    assert whole[: len(ctx)] == ctx
+    lp, y = plain_prompt_logprobs(members64, context + continuation)
+    n = len(ctx)
+    w = W.solve("optimal", lp[:, : n - 1], y[: n - 1])
+    assert list(res.report.weights.values()) == pytest.approx(w.tolist(), abs=1e-6)
+    fused = torch.log_softmax(torch.einsum("k,ktv->tv", w, lp[:, n - 1 :]), -1)
+    expected = float(fused.gather(-1, y[n - 1 :, None]).sum())
+    assert res.logprob == pytest.approx(expected, abs=1e-6)
+    assert res.is_greedy == bool((fused.argmax(-1) == y[n - 1 :]).all())
+
+
+def test_nan_member_is_named(tiny_paths) -> None:
+    bad = load_member(tiny_paths[1], name="broken", device="cpu")
+    import copy
+
+    broken = copy.deepcopy(bad.model)
+    with torch.no_grad():
+        broken.get_output_embeddings().weight.fill_(float("nan"))
+    from langchain_packllm.members import Member
+
+    engine = FusionEngine([load_member(tiny_paths[0], device="cpu"), Member("broken", broken, bad.tokenizer)])
+    with pytest.raises(FloatingPointError, match="'broken'"):
+        engine.generate(["import os"], sampling=SamplingConfig(max_new_tokens=2))
+
+
+def test_errors_are_clear(tiny_paths, tmp_path) -> None:
+    with pytest.raises(ValueError, match="at least one member"):
+        FusionEngine([])
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        PackLLM.from_model_ids([str(tmp_path / "does-not-exist")])
+    with pytest.raises(ValueError, match="2 fixed weights for 3 members"):
+        PackLLM.from_model_ids(tiny_paths, weighting=[0.5, 0.5])
+    with pytest.raises(ValueError, match="Unknown weighting"):
+        PackLLM.from_model_ids(tiny_paths, weighting="best")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingConfig(max_new_tokens=-1)
+
+
+def test_different_vocabularies_are_refused(tiny_paths, tmp_path) -> None:
+    from langchain_packllm.testing import make_tiny_model, stdlib_text, train_bytelevel_tokenizer
+
+    other_tok = train_bytelevel_tokenizer(stdlib_text(100_000), vocab_size=300)
+    other = make_tiny_model("gpt2", other_tok)
+    other.save_pretrained(tmp_path / "other")
+    other_tok.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="different vocabularies"):
+        PackLLM.from_model_ids([tiny_paths[0], str(tmp_path / "other")])
