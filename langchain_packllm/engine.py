@@ -168,6 +168,7 @@ class _Row:
     done: bool = False
     finish_reason: str = "length"
     emitted: int = 0
+    budget: int | None = None  # most new tokens the context leaves room for
 
 
 class FusionEngine:
@@ -194,7 +195,7 @@ class FusionEngine:
         self.mix_device = torch.device(mix_device) if mix_device is not None else members[0].device
         self._check_shared_vocabulary()
         self.vocab_size = min(m.vocab_size for m in members)
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # not an RLock: async streams resume on other threads
 
     # ------------------------------------------------------------------ set-up
 
@@ -249,7 +250,11 @@ class FusionEngine:
         )
 
     def _fit(self, ids: list[int], reserve: int) -> tuple[list[int], bool, str | None]:
-        """Make a prompt decodable: a start token if empty, the tail if it is longer than the context."""
+        """Make a prompt decodable: a start token if empty, its tail if it does not fit the context.
+
+        The prompt keeps at least half the shortest member context; ``reserve`` new tokens get the rest
+        (generation then stops at the context limit with ``finish_reason == "length"``).
+        """
         fallback = None
         if not ids:
             ids = [self._start_token()]
@@ -257,23 +262,19 @@ class FusionEngine:
         limit = self.max_length
         truncated = False
         if limit is not None:
-            room = limit - reserve
-            if room < 1:
-                raise ValueError(
-                    f"max_new_tokens={reserve} leaves no room for the prompt in the shortest member context "
-                    f"({limit} tokens); lower max_new_tokens."
-                )
+            room = limit - min(reserve, limit // 2)
             if len(ids) > room:
                 warnings.warn(
-                    f"Prompt of {len(ids)} tokens is longer than the {room} tokens the members' context "
-                    f"({limit}) leaves after max_new_tokens={reserve}; keeping the last {room} tokens.",
-                    stacklevel=3,
+                    f"Prompt of {len(ids)} tokens does not fit the members' context ({limit} tokens) with "
+                    f"max_new_tokens={reserve}; keeping its last {room} tokens.",
+                    stacklevel=4,
                 )
                 ids, truncated = ids[-room:], True
         return ids, truncated, fallback
 
     # ------------------------------------------------------------------ forward passes
 
+    @torch.inference_mode()
     def _forward(self, member: Member, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         """One member's forward; returns log-probs ``(B, L, V)`` (at least float32) on the mix device."""
         dev = member.device
@@ -314,11 +315,10 @@ class FusionEngine:
         input_ids, mask = self._pad(batch)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         caches, logprobs = [], []
-        with torch.inference_mode():
-            for member in self.members:
-                cache = DynamicCache(config=member.model.config) if use_cache else None
-                logprobs.append(self._forward(member, input_ids, mask, positions, cache))
-                caches.append(cache)
+        for member in self.members:
+            cache = DynamicCache(config=member.model.config) if use_cache else None
+            logprobs.append(self._forward(member, input_ids, mask, positions, cache))
+            caches.append(cache)
         return logprobs, input_ids, mask, caches
 
     # ------------------------------------------------------------------ weights
@@ -402,7 +402,8 @@ class FusionEngine:
     ) -> Iterator[tuple[list[_Row], list[FusionReport]]]:
         """Generator over decode steps: yields the rows' state after the prefill and after every step."""
         state = self._prefill(prompts, weighting, reserve=sampling.max_new_tokens)
-        rows = [_Row() for _ in prompts]
+        limit = self.max_length
+        rows = [_Row(budget=None if limit is None else limit - r.prompt_tokens) for r in state.reports]
         if sampling.max_new_tokens == 0:
             yield rows, state.reports
             return
@@ -414,33 +415,43 @@ class FusionEngine:
         sequences = state.input_ids  # (B, L + t)
         mask, positions = state.attention_mask, state.next_positions
         lps = state.last_logprobs
-        with torch.inference_mode():
-            for step in range(sampling.max_new_tokens):
-                scores = processors(sequences, self._mix(state.weights, lps))  # (B, V)
-                if sampling.temperature > 0:
-                    probs = torch.softmax(scores, dim=-1)
-                    next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                else:
-                    next_ids = torch.argmax(scores, dim=-1)  # (B,)
-                for row, tok in zip(rows, next_ids.tolist()):
-                    if not row.done:
-                        self._advance(row, tok, eos, sampling.stop)
-                yield rows, state.reports
-                if all(r.done for r in rows) or step == sampling.max_new_tokens - 1:
-                    return
-                sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                lps = [
-                    self._forward(m, next_ids[:, None], mask, positions, cache)[:, -1]
-                    for m, cache in zip(self.members, state.caches)
-                ]
-                positions = positions + 1
+        for step in range(sampling.max_new_tokens):
+            next_ids = self._choose(processors, sequences, state.weights, lps, sampling, generator)  # (B,)
+            for row, tok in zip(rows, next_ids.tolist()):
+                if not row.done:
+                    self._advance(row, tok, eos, sampling.stop)
+            yield (
+                rows,
+                state.reports,
+            )  # no grad-mode context spans this: a stream may resume on another thread
+            if all(r.done for r in rows) or step == sampling.max_new_tokens - 1:
+                return
+            sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            lps = [
+                self._forward(m, next_ids[:, None], mask, positions, cache)[:, -1]
+                for m, cache in zip(self.members, state.caches)
+            ]
+            positions = positions + 1
+
+    @torch.inference_mode()
+    def _choose(
+        self, processors, sequences, weights, lps, sampling: SamplingConfig, generator
+    ) -> torch.Tensor:
+        """Mix (Eq. 1), apply the logits processors, then argmax or sample: the next token of every row."""
+        scores = processors(sequences, self._mix(weights, lps))  # (B, V)
+        if sampling.temperature > 0:
+            probs = torch.softmax(scores, dim=-1)
+            return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return torch.argmax(scores, dim=-1)
 
     def _advance(self, row: _Row, token: int, eos: set[int], stop: tuple[str, ...]) -> None:
         if token in eos:
             row.done, row.finish_reason = True, "stop"
             return
         row.ids.append(token)
+        if row.budget is not None and len(row.ids) >= row.budget:
+            row.done = True  # the context is full: finish_reason stays "length"
         row.text = self.decode(row.ids)
         cut = min((i for i in (row.text.find(s) for s in stop) if i >= 0), default=-1)
         if cut >= 0:

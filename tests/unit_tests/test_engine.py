@@ -150,11 +150,18 @@ def test_max_new_tokens_zero_and_long_prompt(members64) -> None:
     out = engine.generate(["import os"], sampling=SamplingConfig(max_new_tokens=0))[0]
     assert out.text == "" and out.token_ids == [] and out.report.prompt_tokens > 1
     long_prompt = "x = 1\n" * 300
-    with pytest.warns(UserWarning, match="keeping the last"):
+    with pytest.warns(UserWarning, match="keeping its last"):
         out = engine.generate([long_prompt], sampling=SamplingConfig(max_new_tokens=4))[0]
     assert out.report.truncated and out.report.prompt_tokens == engine.max_length - 4
-    with pytest.raises(ValueError, match="lower max_new_tokens"):
-        engine.generate(["x"], sampling=SamplingConfig(max_new_tokens=engine.max_length))
+    assert len(out.token_ids) == 4
+    # More new tokens than the context holds: the prompt keeps half, generation stops at the limit.
+    ctx = engine.max_length
+    with pytest.warns(UserWarning, match="keeping its last"):
+        out = engine.generate([long_prompt], sampling=SamplingConfig(max_new_tokens=ctx))[0]
+    assert out.report.prompt_tokens == ctx // 2 and out.finish_reason == "length"
+    assert len(out.token_ids) <= ctx - ctx // 2
+    short = engine.generate(["import os"], sampling=SamplingConfig(max_new_tokens=ctx))[0]
+    assert short.finish_reason == "stop" or short.report.prompt_tokens + len(short.token_ids) == ctx
 
 
 def test_loglikelihood_matches_plain_sum(members64) -> None:
