@@ -1,0 +1,434 @@
+"""Evaluation harness: the paper's language-modelling protocol and a multiple-choice task, every weighting
+strategy and baseline scored from the same member forwards.
+
+Language modelling (paper section 4, appendix C): for each held-out document, the prompt is the first 32
+tokens or the first 20% of its tokens, whichever is shorter; perplexity is measured on the rest, with the
+weights solved on the prompt. One forward per member per document serves the weights and the scoring.
+
+Multiple choice (lm-evaluation-harness ``loglikelihood`` semantics): a passage's true continuation among
+four, the three distractors being same-length spans of other held-out documents of the same domain; the
+answer is the option with the highest fused log-likelihood, weights solved on the passage.
+
+Methods (rows): every single expert, ``best-single`` (the oracle: per domain, the best expert on it),
+``uniform``, ``top1`` (Top1-PPL), ``cbtm`` (Eq. 8: softmax of minus the Euclidean distance between the
+prompt's tf-idf vector and each expert's training-data centroid, probabilities mixed), ``sim-0.1``,
+``sim-1`` (Eq. 4), ``greedy`` (Algorithm 1), ``grid`` and ``optimal``. Each is scored for packs of K experts,
+K in {1, 2, 4, all}, averaged over every subset of that size.
+
+Example::
+
+    >>> from langchain_packllm.pack import load_pack
+    >>> manifest = load_pack("default", "shared")
+    >>> engine = FusionEngine([load_member(p, name=n) for n, p in zip(manifest.expert_names, manifest.expert_paths)])
+    >>> result = evaluate_lm(engine, {d: manifest.heldout_documents(d)[:40] for d in manifest.domain_names})
+    >>> print(result.markdown())
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from langchain_packllm import weights as W
+from langchain_packllm.engine import FusionEngine
+
+logger = logging.getLogger(__name__)
+
+FUSION_METHODS = ("uniform", "top1", "cbtm", "sim-0.1", "sim-1", "greedy", "grid", "optimal")
+
+
+# ---------------------------------------------------------------------------------------------- cBTM
+
+
+class TfidfRouter:
+    """cBTM's router (Eq. 8): ``w_k = softmax_k(-||h_P - h_k|| / temperature)`` where ``h_P`` is the
+    prompt's (L2-normalised) tf-idf vector and ``h_k`` the centroid of expert k's training documents.
+
+    ``temperature=1`` is Eq. 8 as printed; cBTM itself sharpens with a temperature of 0.1 (our default).
+    """
+
+    def __init__(
+        self, expert_texts: Mapping[str, Sequence[str]], temperature: float = 0.1, max_features=50_000
+    ):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        self.names = list(expert_texts)
+        self.temperature = temperature
+        corpus = [doc for name in self.names for doc in expert_texts[name]]
+        self.vectorizer = TfidfVectorizer(max_features=max_features, sublinear_tf=True)
+        matrix = self.vectorizer.fit_transform(corpus)
+        centroids, start = [], 0
+        for name in self.names:
+            n = len(expert_texts[name])
+            centroids.append(torch.from_numpy(matrix[start : start + n].mean(axis=0).A1))
+            start += n
+        self.centroids = torch.stack(centroids).double()  # (K, F)
+
+    def weights(self, prompt: str, members: Sequence[str] | None = None) -> torch.Tensor:
+        idx = [self.names.index(m) for m in (members or self.names)]
+        h = torch.from_numpy(self.vectorizer.transform([prompt]).toarray()[0]).double()  # (F,)
+        dist = torch.linalg.vector_norm(self.centroids[idx] - h, dim=-1)  # (K,)
+        return torch.softmax(-dist / self.temperature, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def fused_logprobs(w: torch.Tensor, lp: torch.Tensor, method: str) -> torch.Tensor:
+    """``(K,), (K, T, V) -> (T, V)`` log-probs of the fused model: logits mixed (Eq. 1), or probabilities
+    mixed for cBTM (Eq. 8)."""
+    w = w.to(lp)
+    if method == "cbtm":
+        return torch.logsumexp(lp + torch.log(w).view(-1, 1, 1), dim=0)
+    return torch.log_softmax(torch.einsum("k,ktv->tv", w, lp), dim=-1)
+
+
+def solve_method(
+    method: str,
+    prompt_lp: torch.Tensor,
+    prompt_targets: torch.Tensor,
+    *,
+    prompt_text: str = "",
+    member_names: Sequence[str] = (),
+    router: TfidfRouter | None = None,
+    grid_step: float = 0.05,
+) -> torch.Tensor:
+    """Weights of one method on one prompt (``prompt_lp`` ``(K, T, V)``)."""
+    if method == "cbtm":
+        if router is None:
+            raise ValueError("The cbtm method needs the experts' training texts (a TfidfRouter).")
+        return router.weights(prompt_text, member_names)
+    if method.startswith("sim-"):
+        return W.solve("sim", prompt_lp, prompt_targets, tau=float(method[4:]))
+    return W.solve(method, prompt_lp, prompt_targets, grid_step=grid_step)
+
+
+def subsets(n: int, ks: Sequence[int | None], max_subsets: int = 10, seed: int = 0) -> dict[int, list[tuple]]:
+    """Member subsets per pack size K (None = all): every subset when there are few, else a fixed sample."""
+    rng = random.Random(seed)
+    out: dict[int, list[tuple]] = {}
+    for k in ks:
+        k = n if k is None else k
+        if k > n or k < 1:
+            continue
+        combos = list(itertools.combinations(range(n), k))
+        out[k] = combos if len(combos) <= max_subsets else sorted(rng.sample(combos, max_subsets))
+    return out
+
+
+@dataclass
+class EvalResult:
+    """Scores per (K, method, domain). ``metric`` is ``ppl`` (lower is better) or ``accuracy`` (higher)."""
+
+    task: str
+    metric: str
+    members: list[str]
+    domains: list[str]
+    # scores[K][method][domain]; for ppl: total NLL and token count are kept to pool documents correctly
+    nll: dict = field(default_factory=dict)
+    count: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)  # mean weights of "all" methods per domain
+    docs: dict = field(default_factory=dict)
+
+    def add(self, k: int, method: str, domain: str, value: float, n: int) -> None:
+        self.nll.setdefault(k, {}).setdefault(method, {}).setdefault(domain, 0.0)
+        self.count.setdefault(k, {}).setdefault(method, {}).setdefault(domain, 0)
+        self.nll[k][method][domain] += value
+        self.count[k][method][domain] += n
+
+    def score(self, k: int, method: str, domain: str) -> float:
+        total, n = self.nll[k][method][domain], self.count[k][method][domain]
+        if self.metric == "ppl":
+            return math.exp(total / n)
+        return total / n
+
+    def average(self, k: int, method: str) -> float:
+        return sum(self.score(k, method, d) for d in self.domains) / len(self.domains)
+
+    def methods(self, k: int) -> list[str]:
+        """Rows of the table for packs of size k; the full pack also lists each expert and the oracle."""
+        rows = list(self.nll.get(k, {}))
+        singles = [m for m in self.members if m in self.nll.get(1, {})]
+        if k == len(self.members) and k > 1 and singles:
+            rows = [*singles, "best-single", *rows]
+        return rows
+
+    def _cell(self, k: int, method: str, domain: str | None) -> float:
+        if domain is None:
+            return sum(self._cell(k, method, d) for d in self.domains) / len(self.domains)
+        if method == "best-single":
+            better = min if self.metric == "ppl" else max
+            return better(self.score(1, m, domain) for m in self.members if m in self.nll[1])
+        if method in self.members and method not in self.nll.get(k, {}):
+            return self.score(1, method, domain)
+        return self.score(k, method, domain)
+
+    def markdown(self) -> str:
+        """A per-domain table for the full pack, then the scaling table over K."""
+        n = len(self.members)
+        arrow = "lower is better" if self.metric == "ppl" else "higher is better"
+        lines = [f"**{self.task}: {self.metric} ({arrow}), all {n} experts**", ""]
+        lines.append("| method | " + " | ".join(self.domains) + " | average |")
+        lines.append("|---" * (len(self.domains) + 2) + "|")
+        best = {d: self._best(n, d) for d in [*self.domains, None]}
+        for method in self.methods(n):
+            cells = []
+            for d in [*self.domains, None]:
+                v = self._cell(n, method, d)
+                text = self._fmt(v)
+                cells.append(f"**{text}**" if v == best[d] else text)
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        ks = sorted(self.nll)
+        lines += [
+            "",
+            f"**{self.task}: average {self.metric} by number of experts K (mean over subsets)**",
+            "",
+        ]
+        lines.append("| method | " + " | ".join(f"K={k}" for k in ks) + " |")
+        lines.append("|---" * (len(ks) + 1) + "|")
+        rows = [m for m in FUSION_METHODS if any(m in self.nll[k] for k in ks)]
+        for method in ["single", *rows]:
+            cells = []
+            for k in ks:
+                if method == "single":
+                    singles = [m for m in self.nll[k] if m in self.members]
+                    cells.append(
+                        self._fmt(sum(self.average(k, m) for m in singles) / len(singles)) if singles else ""
+                    )
+                else:
+                    cells.append(self._fmt(self.average(k, method)) if method in self.nll[k] else "")
+            label = "single expert (mean)" if method == "single" else method
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def _best(self, k: int, domain: str | None) -> float:
+        vals = [self._cell(k, m, domain) for m in self.methods(k)]
+        return min(vals) if self.metric == "ppl" else max(vals)
+
+    def _fmt(self, v: float) -> str:
+        return f"{v:.2f}" if self.metric == "ppl" else f"{100 * v:.1f}"
+
+    def to_dict(self) -> dict:
+        ks = sorted(self.nll)
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "members": self.members,
+            "domains": self.domains,
+            "scores": {
+                str(k): {m: {d: self._cell(k, m, d) for d in self.domains} for m in self.methods(k)}
+                for k in ks
+            },
+            "average": {str(k): {m: self._cell(k, m, None) for m in self.methods(k)} for k in ks},
+            "mean_weights": self.weights,
+            "documents": self.docs,
+        }
+
+    def plot(self, path: str) -> None:
+        """Average score against K for every fusion method (matplotlib, PNG)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ks = sorted(self.nll)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in ["single", *FUSION_METHODS]:
+            xs, ys = [], []
+            for k in ks:
+                if method == "single":
+                    singles = [m for m in self.nll[k] if m in self.members]
+                    if singles:
+                        xs.append(k)
+                        ys.append(sum(self.average(k, m) for m in singles) / len(singles))
+                elif method in self.nll[k]:
+                    xs.append(k)
+                    ys.append(self.average(k, method) * (1 if self.metric == "ppl" else 100))
+            if method == "single":
+                ys = [y * (1 if self.metric == "ppl" else 100) for y in ys]
+            if xs:
+                style = "-o" if method in ("optimal", "greedy") else "--."
+                ax.plot(xs, ys, style, label="single expert (mean)" if method == "single" else method)
+        ax.set_xlabel("number of experts K")
+        ax.set_ylabel("perplexity" if self.metric == "ppl" else "accuracy (%)")
+        ax.set_xticks(ks)
+        ax.set_title(f"{self.task}: fusion vs number of experts")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- LM task
+
+
+def lm_prompt_length(n_tokens: int) -> int:
+    """The paper's prompt: the first 32 tokens or the first 20% of the tokens, whichever is shorter."""
+    return min(32, int(0.2 * n_tokens))
+
+
+def evaluate_lm(
+    engine: FusionEngine,
+    documents: Mapping[str, Sequence[str]],
+    *,
+    expert_texts: Mapping[str, Sequence[str]] | None = None,
+    methods: Sequence[str] = FUSION_METHODS,
+    ks: Sequence[int | None] = (1, 2, 4, None),
+    max_tokens: int | None = None,
+    grid_step: float = 0.05,
+    min_tokens: int = 16,
+    progress: bool = True,
+) -> EvalResult:
+    """Perplexity of every method on held-out ``documents`` (domain -> texts), paper protocol."""
+    names = engine.names
+    router = TfidfRouter(expert_texts) if expert_texts is not None and "cbtm" in methods else None
+    methods = [m for m in methods if m != "cbtm" or router is not None]
+    groups = subsets(len(names), ks)
+    result = EvalResult("language modelling", "ppl", names, list(documents))
+    limit = max_tokens or engine.max_length or 512
+    total = sum(len(d) for d in documents.values())
+    bar = tqdm(total=total, desc="eval lm", disable=not progress)
+    for domain, docs in documents.items():
+        used = 0
+        for text in docs:
+            bar.update(1)
+            ids = engine.encode(text)[:limit]
+            n = len(ids)
+            n_prompt = lm_prompt_length(n)
+            if n < min_tokens or n_prompt < 2:
+                continue
+            used += 1
+            lp_list, input_ids, _, _ = engine.member_logprobs([ids])
+            lp = torch.stack([x[0, :-1] for x in lp_list])  # (N, n-1, V): position i predicts token i+1
+            targets = input_ids[0, 1:]  # (n-1,)
+            p_lp, p_y = lp[:, : n_prompt - 1], targets[: n_prompt - 1]
+            r_lp, r_y = lp[:, n_prompt - 1 :], targets[n_prompt - 1 :]
+            prompt_text = engine.decode(ids[:n_prompt])
+            for k, combos in groups.items():
+                for combo in combos:
+                    idx = list(combo)
+                    for method in methods if k > 1 else ["single"]:
+                        if method == "single":
+                            nll = -float(r_lp[idx[0]].gather(-1, r_y[:, None]).double().sum())
+                            result.add(k, names[idx[0]], domain, nll, r_y.numel())
+                            continue
+                        w = solve_method(
+                            method,
+                            p_lp[idx],
+                            p_y,
+                            prompt_text=prompt_text,
+                            member_names=[names[i] for i in idx],
+                            router=router,
+                            grid_step=grid_step,
+                        )
+                        fused = fused_logprobs(w, r_lp[idx], method)
+                        nll = -float(fused.gather(-1, r_y[:, None]).double().sum())
+                        result.add(k, method, domain, nll / len(combos), r_y.numel() / len(combos))
+                        if k == len(names):
+                            acc = result.weights.setdefault(method, {}).setdefault(domain, [0.0] * len(names))
+                            for i, v in zip(idx, w.tolist()):
+                                acc[i] += v
+        result.docs[domain] = used
+        for method in result.weights:
+            if domain in result.weights[method] and used:
+                result.weights[method][domain] = [v / used for v in result.weights[method][domain]]
+    bar.close()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- MC task
+
+
+@dataclass
+class Question:
+    domain: str
+    context: list[int]
+    options: list[list[int]]
+    answer: int
+
+
+def build_mc_questions(
+    engine: FusionEngine,
+    documents: Mapping[str, Sequence[str]],
+    *,
+    context_tokens: int = 48,
+    option_tokens: int = 12,
+    n_options: int = 4,
+    seed: int = 0,
+) -> list[Question]:
+    """Pick-the-true-continuation questions from held-out text, distractors from the same domain."""
+    rng = random.Random(seed)
+    questions = []
+    need = context_tokens + option_tokens
+    for domain, docs in documents.items():
+        encoded = [ids for ids in (engine.encode(d) for d in docs) if len(ids) >= need]
+        if len(encoded) < n_options:
+            logger.warning("Domain %s has fewer than %d usable documents; no questions.", domain, n_options)
+            continue
+        for i, ids in enumerate(encoded):
+            others = rng.sample([j for j in range(len(encoded)) if j != i], n_options - 1)
+            distractors = []
+            for j in others:
+                start = rng.randrange(0, len(encoded[j]) - option_tokens + 1)
+                distractors.append(encoded[j][start : start + option_tokens])
+            answer = rng.randrange(n_options)
+            options = distractors[:answer] + [ids[context_tokens:need]] + distractors[answer:]
+            questions.append(Question(domain, ids[:context_tokens], options, answer))
+    return questions
+
+
+def evaluate_mc(
+    engine: FusionEngine,
+    documents: Mapping[str, Sequence[str]],
+    *,
+    expert_texts: Mapping[str, Sequence[str]] | None = None,
+    methods: Sequence[str] = FUSION_METHODS,
+    ks: Sequence[int | None] = (1, 2, 4, None),
+    grid_step: float = 0.05,
+    progress: bool = True,
+    **question_kwargs,
+) -> EvalResult:
+    """Accuracy of every method on multiple-choice questions built from held-out ``documents``."""
+    names = engine.names
+    router = TfidfRouter(expert_texts) if expert_texts is not None and "cbtm" in methods else None
+    methods = [m for m in methods if m != "cbtm" or router is not None]
+    groups = subsets(len(names), ks)
+    questions = build_mc_questions(engine, documents, **question_kwargs)
+    result = EvalResult(
+        "multiple choice", "accuracy", names, [d for d in documents if any(q.domain == d for q in questions)]
+    )
+    for q in tqdm(questions, desc="eval mc", disable=not progress):
+        n_ctx = len(q.context)
+        lp_list, input_ids, _, _ = engine.member_logprobs([q.context + o for o in q.options])
+        lp = torch.stack([x[:, :-1] for x in lp_list])  # (N, O, L-1, V); equal lengths, no padding
+        targets = input_ids[:, 1:]  # (O, L-1)
+        p_lp, p_y = lp[:, 0, : n_ctx - 1], targets[0, : n_ctx - 1]
+        prompt_text = engine.decode(q.context)
+        for k, combos in groups.items():
+            for combo in combos:
+                idx = list(combo)
+                for method in methods if k > 1 else ["single"]:
+                    if method == "single":
+                        w, label = torch.ones(1, dtype=torch.float64), names[idx[0]]
+                    else:
+                        label = method
+                        w = solve_method(
+                            method, p_lp[idx], p_y, prompt_text=prompt_text,
+                            member_names=[names[i] for i in idx], router=router, grid_step=grid_step,
+                        )  # fmt: skip
+                    scores = []
+                    for o in range(len(q.options)):
+                        fused = fused_logprobs(w, lp[idx, o, n_ctx - 1 :], method)
+                        scores.append(float(fused.gather(-1, targets[o, n_ctx - 1 :, None]).sum()))
+                    correct = float(max(range(len(scores)), key=scores.__getitem__) == q.answer)
+                    result.add(k, label, q.domain, correct / len(combos), 1 / len(combos))
+    for d in result.domains:
+        result.docs[d] = sum(q.domain == d for q in questions)
+    return result
