@@ -17,8 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     from langchain_packllm.demo import add_demo_commands
+    from langchain_packllm.evaluation import add_eval_commands
 
     add_demo_commands(sub)
+    add_eval_commands(sub)
     return parser
 
 

@@ -432,3 +432,65 @@ def evaluate_mc(
     for d in result.domains:
         result.docs[d] = sum(q.domain == d for q in questions)
     return result
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_ks(text: str) -> list[int | None]:
+    return [None if k.strip() == "all" else int(k) for k in text.split(",")]
+
+
+def _eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from langchain_packllm.members import load_member
+    from langchain_packllm.pack import build_pack
+
+    size = "tiny" if args.tiny else "default"
+    manifest = build_pack(size, "shared", cache_dir=args.cache_dir, install=args.install)
+    engine = FusionEngine(
+        [
+            load_member(p, name=n, device=args.device)
+            for n, p in zip(manifest.expert_names, manifest.expert_paths)
+        ]
+    )
+    documents = {d: manifest.heldout_documents(d)[: args.docs] for d in manifest.domain_names}
+    expert_texts = {e.name: manifest.train_documents(e.domain) for e in manifest.experts}
+    common = dict(
+        expert_texts=expert_texts,
+        methods=args.methods.split(","),
+        ks=_parse_ks(args.ks),
+        grid_step=args.grid_step,
+    )
+    if args.task == "lm":
+        result = evaluate_lm(engine, documents, **common)
+    else:
+        result = evaluate_mc(engine, documents, **common)
+    table = result.markdown()
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"{args.task}-{size}"
+        stem.with_suffix(".md").write_text(table + "\n")
+        stem.with_suffix(".json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        result.plot(str(stem.with_suffix(".png")))
+        print(f"\nwrote {stem}.md, .json, .png")
+    return 0
+
+
+def add_eval_commands(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate every weighting strategy and baseline on the expert pack")
+    p.add_argument("task", choices=["lm", "mc"], help="lm: perplexity (paper protocol); mc: multiple choice")
+    p.add_argument("--tiny", action="store_true", help="use the tiny pack")
+    p.add_argument("--docs", type=int, default=40, help="held-out documents per domain")
+    p.add_argument("--methods", default=",".join(FUSION_METHODS))
+    p.add_argument("--ks", default="1,2,4,all", help="pack sizes, comma-separated ('all' = every expert)")
+    p.add_argument("--grid-step", type=float, default=0.05)
+    p.add_argument("--device", default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--install", action="store_true", help="apt-get install missing Debian corpora (root)")
+    p.add_argument("--out", default=None, help="directory for the .md, .json and .png results")
+    p.set_defaults(func=_eval)
