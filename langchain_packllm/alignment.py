@@ -432,8 +432,10 @@ def _load_checked(path: Path, key: str, expected: dict[str, tuple[tuple[int, ...
         problem = "it was built for other tokenizers or another version"
     for name, (shape, dtype) in expected.items():
         got = arrays[name]
-        if got.dtype != np.dtype(dtype) or len(got.shape) != len(shape) or any(
-            want not in (-1, have) for want, have in zip(shape, got.shape, strict=False)
+        if (
+            got.dtype != np.dtype(dtype)
+            or len(got.shape) != len(shape)
+            or any(want not in (-1, have) for want, have in zip(shape, got.shape, strict=False))
         ):
             problem = f"array {name!r} is {got.dtype}{got.shape}, expected {np.dtype(dtype)}{shape}"
     if problem is None and meta.get("sha256") != _checksum(arrays):
@@ -478,8 +480,12 @@ def _nearest_by_edit_distance(queries: list[str], choices: list[str], progress_d
         for start in range(0, len(queries), rows_per_chunk):
             stop = min(start + rows_per_chunk, len(queries))
             dist = process.cdist(
-                queries[start:stop], choices, scorer=Levenshtein.distance, workers=-1,
-                dtype=np.int16, score_cutoff=32_000,
+                queries[start:stop],
+                choices,
+                scorer=Levenshtein.distance,
+                workers=-1,
+                dtype=np.int16,
+                score_cutoff=32_000,
             )  # (q, C)
             rows, cols = np.nonzero(dist == dist.min(axis=1, keepdims=True))  # all minimum-distance pairs
             same = query_codes[start + rows] == choice_codes[cols]  # (pairs, P)
@@ -572,7 +578,11 @@ class MinEDMap:
         seconds = time.perf_counter() - started
         logger.info(
             "Built MinED map %d -> %d tokens in %.1f s: %.1f%% exact (%s).",
-            src.vocab_size, dst.vocab_size, seconds, 100 * exact.mean(), path.name,
+            src.vocab_size,
+            dst.vocab_size,
+            seconds,
+            100 * exact.mean(),
+            path.name,
         )
         if use_cache:
             _save_atomic(path, key, {"ids": ids, "exact": exact})
@@ -673,12 +683,13 @@ def _build_prefix_assignment(src: TokenizerSurfaces, dst: TokenizerSurfaces) -> 
 class PrefixMap:
     """A mass-preserving map of distributions from a source vocabulary onto a destination vocabulary.
 
-    ``matrix`` is a sparse (V_src, V_dst) matrix with rows summing to one; a distribution ``p`` over the
+    ``matrix()`` is a sparse (V_src, V_dst) matrix with rows summing to one; a distribution ``p`` over the
     source vocabulary becomes ``q = p @ matrix`` over the destination vocabulary, so ``sum(q) == sum(p)``:
     no mass is lost and none is counted twice. The current rule (:func:`_build_prefix_assignment`) gives
     each source token's whole mass to the longest destination token that its surface starts with, e.g.
-    src ``" there"`` -> dst ``" the"`` when dst has no ``" there"``. The matrix form leaves room for rules
-    that split a token's mass over several destination tokens.
+    src ``" there"`` -> dst ``" the"`` when dst has no ``" there"``. With one 1 per row the products are
+    index operations (``dst_index``); a rule that splits a token's mass over several destination tokens
+    would keep the same contract with a sparse matmul.
 
     Typical use: ``PrefixMap.from_tokenizers(member_tok, ref_tok).map_logprobs(member_logprobs)``.
 
@@ -696,7 +707,7 @@ class PrefixMap:
     key: str = ""
     from_cache: bool = False
     build_seconds: float = 0.0
-    _device_matrix: dict = field(default_factory=dict, repr=False)
+    _device_index: dict = field(default_factory=dict, repr=False)
 
     @property
     def src_vocab_size(self) -> int:
@@ -707,38 +718,46 @@ class PrefixMap:
         return float(self.whole.mean()) if len(self.whole) else 0.0
 
     def matrix(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The sparse CSR matrix, (V_src, V_dst), rows summing to one."""
-        return self._transposed(torch.device(device), dtype).t().to_sparse_csr()
+        """The map as a sparse COO matrix, (V_src, V_dst), one 1 per row (rows sum to one)."""
+        rows = torch.arange(self.src_vocab_size)  # (V_src,)
+        cols = torch.as_tensor(self.dst_index, dtype=torch.long)  # (V_src,)
+        values = torch.ones(self.src_vocab_size, dtype=dtype)
+        shape = (self.src_vocab_size, self.dst_vocab_size)
+        matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=True)
+        return matrix.to(device)
 
-    def _transposed(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(V_dst, V_src) CSR, cached per (device, dtype): sparse @ dense is the fast product in torch."""
-        if (device, dtype) not in self._device_matrix:
-            rows = torch.as_tensor(self.dst_index, dtype=torch.long)  # (V_src,)
-            cols = torch.arange(len(rows))  # (V_src,)
-            values = torch.ones(len(rows), dtype=dtype)
-            coo = torch.sparse_coo_tensor(
-                torch.stack([rows, cols]), values, (self.dst_vocab_size, len(rows))
-            )
-            self._device_matrix[(device, dtype)] = coo.coalesce().to_sparse_csr().to(device)
-        return self._device_matrix[(device, dtype)]
+    def index_on(self, device: torch.device | str) -> torch.Tensor:
+        """``dst_index`` as an int64 tensor on ``device`` (copied once per device)."""
+        device = torch.device(device)
+        if device not in self._device_index:
+            self._device_index[device] = torch.as_tensor(self.dst_index, dtype=torch.long, device=device)
+        return self._device_index[device]
 
     def map_probs(self, src_probs: torch.Tensor) -> torch.Tensor:
-        """(B, V_src) probabilities -> (B, V_dst) probabilities with the same row sums."""
-        src_probs = self._check_width(src_probs)
-        matrix_t = self._transposed(src_probs.device, src_probs.dtype)  # (V_dst, V_src)
-        return torch.sparse.mm(matrix_t, src_probs.t()).t()  # (B, V_dst)
+        """(B, V_src) probabilities -> (B, V_dst) probabilities with the same row sums: ``p @ matrix``.
+
+        Each row of the matrix holds a single 1, so the product is a scatter-add over ``dst_index``.
+        """
+        src_probs = self._check_width(src_probs)  # (B, V_src)
+        dst_probs = src_probs.new_zeros(src_probs.shape[0], self.dst_vocab_size)  # (B, V_dst)
+        return dst_probs.index_add_(1, self.index_on(src_probs.device), src_probs)
 
     def map_logprobs(self, src_logprobs: torch.Tensor) -> torch.Tensor:
-        """(B, V_src) log-probabilities -> (B, V_dst) log-probabilities, computed stably in log space.
+        """(B, V_src) log-probabilities -> (B, V_dst) log-probabilities, as ``log(exp(x) @ matrix)``.
 
-        ``log(exp(x - m) @ M) + m`` with ``m`` the row max; a dst token that receives no mass gets -inf.
-        The output is normalised exactly when the input is (rows of M sum to one); nothing renormalises.
+        Computed as a log-sum-exp per destination token (each group shifted by its own max), so a token
+        1000 nats below the row's best is kept, not underflowed to -inf. A destination token that receives
+        no source token gets -inf: fusing code that adds log-probs must decide what that means (see
+        docs/ALIGNMENT.md). The output is normalised exactly when the input is; nothing renormalises.
         """
-        src_logprobs = self._check_width(src_logprobs)
-        row_max = src_logprobs.amax(dim=-1, keepdim=True)  # (B, 1)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        dst_probs = self.map_probs(torch.exp(src_logprobs - row_max))  # (B, V_dst), scaled by exp(-m)
-        return torch.log(dst_probs) + row_max
+        src_logprobs = self._check_width(src_logprobs)  # (B, V_src)
+        index = self.index_on(src_logprobs.device).expand_as(src_logprobs)  # (B, V_src)
+        group_max = src_logprobs.new_full((src_logprobs.shape[0], self.dst_vocab_size), float("-inf"))
+        group_max = group_max.scatter_reduce(1, index, src_logprobs, reduce="amax")  # (B, V_dst)
+        shift = torch.where(torch.isfinite(group_max), group_max, torch.zeros_like(group_max))  # (B, V_dst)
+        shifted = torch.exp(src_logprobs - shift.gather(1, index))  # (B, V_src), each <= 1
+        sums = torch.zeros_like(shift).index_add_(1, index[0], shifted)  # (B, V_dst)
+        return torch.log(sums) + shift
 
     def _check_width(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
@@ -773,7 +792,11 @@ class PrefixMap:
         seconds = time.perf_counter() - started
         logger.info(
             "Built prefix map %d -> %d tokens in %.1f s: %.1f%% whole-token matches (%s).",
-            src.vocab_size, dst.vocab_size, seconds, 100 * whole.mean(), path.name,
+            src.vocab_size,
+            dst.vocab_size,
+            seconds,
+            100 * whole.mean(),
+            path.name,
         )
         if use_cache:
             _save_atomic(path, key, {"dst_index": dst_index, "whole": whole})
