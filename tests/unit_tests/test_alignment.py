@@ -312,7 +312,7 @@ def test_cache_reused_then_rebuilt_for_a_changed_tokenizer(
     assert third.dst_vocab_size == first.dst_vocab_size + 1
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "stale"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "edited", "stale"])
 def test_damaged_cache_is_rebuilt_not_trusted(tmp_path, caplog, damage) -> None:
     src = byte_level_tok(["Ġthe", "Ġcat"])
     dst = llama2_tok(["▁the", "▁ca"])
@@ -324,6 +324,12 @@ def test_damaged_cache_is_rebuilt_not_trusted(tmp_path, caplog, damage) -> None:
     elif damage == "flip":  # corrupt the stored ids (zip CRC or our checksum must catch it)
         pos = data.index(b"\x93NUMPY") + 200
         path.write_bytes(data[:pos] + bytes([data[pos] ^ 0xFF]) + data[pos + 1 :])
+    elif damage == "edited":  # a well-formed zip whose ids no longer match the header's checksum
+        with np.load(path) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        arrays["ids"][len(arrays["ids"]) // 2] += 1
+        with path.open("wb") as f:
+            np.savez(f, **arrays)
     else:  # a well-formed file built for another pair, sitting under this pair's name
         other = tmp_path / "other"
         MinEDMap.from_tokenizers(src, llama2_tok(["▁the", "▁cat"]), cache_dir=other)
