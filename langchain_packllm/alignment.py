@@ -49,7 +49,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,16 @@ def _gpt2_unicode_to_byte() -> dict[str, int]:
     return {chr(cp): b for b, cp in zip(byte_values, code_points, strict=True)}
 
 
+@lru_cache(maxsize=1)
+def _gpt2_translation() -> dict[int, str]:
+    """``str.translate`` table: alphabet char -> chr(its byte); any other char below 256 -> a char above 255,
+    so that ``.encode("latin-1")`` of the result succeeds exactly when every char is in the alphabet."""
+    table = {ord(ch): chr(b) for ch, b in _gpt2_unicode_to_byte().items()}
+    for cp in range(256):
+        table.setdefault(cp, "\uffff")
+    return table
+
+
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -133,6 +143,10 @@ def token_bytes(
     """
     convention = Convention(convention)
     if convention is Convention.BYTE_LEVEL:
+        try:  # fast path: every char is in the alphabet
+            return token.translate(_gpt2_translation()).encode("latin-1")
+        except UnicodeEncodeError:
+            pass
         table = _gpt2_unicode_to_byte()
         out = bytearray()
         for ch in token:
@@ -186,11 +200,16 @@ def _component_types(node: Any) -> list[str]:
     return found
 
 
+def _component_spec(component: Any) -> Any:
+    """A backend component (pre-tokenizer, decoder, normalizer) as its tokenizer.json dict, or None."""
+    return None if component is None else json.loads(component.__getstate__())
+
+
 def detect_convention(tokenizer: Any) -> tuple[Convention, bool, str]:
     """(convention, byte_fallback, continuing_prefix) of a tokenizer.
 
-    Read from the fast backend's tokenizer.json (pre-tokenizer, normalizer, decoder, model) when there is
-    one; otherwise guessed from vocabulary statistics (share of tokens containing ``Ġ``, ``▁``, ``##``).
+    Read from the fast backend's components (pre-tokenizer, normalizer, decoder, model) when there is one;
+    otherwise guessed from vocabulary statistics (share of tokens containing ``Ġ``, ``▁``, ``##``).
 
     Example:
         >>> detect_convention(gpt2_tokenizer)  # doctest: +SKIP
@@ -198,17 +217,16 @@ def detect_convention(tokenizer: Any) -> tuple[Convention, bool, str]:
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        spec = json.loads(backend.to_str())
-        model = spec.get("model") or {}
-        pieces = {k: spec.get(k) for k in ("pre_tokenizer", "decoder", "normalizer")}
-        types = set(_component_types(list(pieces.values())))
-        byte_fallback = bool(model.get("byte_fallback")) or "ByteFallback" in types
-        prefix = model.get("continuing_subword_prefix") or "##"
+        model = backend.model
+        pieces = [_component_spec(c) for c in (backend.pre_tokenizer, backend.decoder, backend.normalizer)]
+        types = set(_component_types(pieces))
+        byte_fallback = bool(getattr(model, "byte_fallback", False)) or "ByteFallback" in types
+        prefix = getattr(model, "continuing_subword_prefix", None) or "##"
         if "ByteLevel" in types:
             return Convention.BYTE_LEVEL, byte_fallback, prefix
         if "Metaspace" in types or "▁" in json.dumps(pieces, ensure_ascii=False):
             return Convention.METASPACE, byte_fallback, prefix
-        if model.get("type") == "WordPiece" or "WordPiece" in types:
+        if type(model).__name__ == "WordPiece" or "WordPiece" in types:
             return Convention.WORDPIECE, byte_fallback, prefix
         # Fall through to statistics: e.g. a backend without pre-tokenizer/decoder but a GPT-2 vocabulary.
     vocab = list(tokenizer.get_vocab())
@@ -228,20 +246,40 @@ class TokenizerSurfaces:
     """What every id of one tokenizer stands for: its bytes, or its special-token roles.
 
     Built by :func:`tokenizer_surfaces`; the maps below only ever look at this, so it may be computed once
-    per tokenizer and reused for every pair.
+    per tokenizer and reused for every pair. ``surfaces`` is computed on first use: a cache hit needs
+    only the ``fingerprint``.
     """
 
     tokens: list[str | None]  # (V,) raw vocabulary entries; None for an id the tokenizer never assigns
-    surfaces: list[bytes | None]  # (V,) bytes of each regular token; None for specials and holes
     special_contents: dict[int, str]  # special id -> its content, e.g. {2: "</s>"}
     role_to_id: dict[str, int]  # e.g. {"bos": 1, "eos": 2, "unk": 0}
+    verbatim: frozenset[int]  # non-special added tokens: stored as plain text whatever the convention
     convention: Convention
     byte_fallback: bool
+    continuing_prefix: str
     fingerprint: str = field(repr=False)  # sha256 of everything above (+ NORMALIZER_VERSION)
 
     @property
     def vocab_size(self) -> int:
         return len(self.tokens)
+
+    @cached_property
+    def surfaces(self) -> list[bytes | None]:
+        """(V,) bytes of each regular token; None for specials and unassigned ids."""
+        out: list[bytes | None] = [None] * self.vocab_size
+        for token_id, token in enumerate(self.tokens):
+            if token is None or token_id in self.special_contents:
+                continue
+            if token_id in self.verbatim:
+                out[token_id] = token.encode("utf-8")
+            else:
+                out[token_id] = token_bytes(
+                    token,
+                    self.convention,
+                    byte_fallback=self.byte_fallback,
+                    continuing_prefix=self.continuing_prefix,
+                )
+        return out
 
     def roles(self, token_id: int) -> list[str]:
         """Roles of a special id in :data:`SPECIAL_ROLES` order (none for e.g. an added <|im_start|>)."""
@@ -278,35 +316,26 @@ def tokenizer_surfaces(tokenizer: Any) -> TokenizerSurfaces:
         tokens[token_id] = token
 
     special_ids = {int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None}
-    verbatim: set[int] = set()  # added tokens, stored as plain text whatever the convention
+    verbatim: set[int] = set()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        for added in json.loads(backend.to_str()).get("added_tokens", []):
-            (special_ids if added.get("special") else verbatim).add(int(added["id"]))
+        for added_id, added in backend.get_added_tokens_decoder().items():
+            (special_ids if added.special else verbatim).add(int(added_id))
     role_to_id = {}
     for role in SPECIAL_ROLES:
         token_id = getattr(tokenizer, f"{role}_token_id", None)
         if token_id is not None and 0 <= int(token_id) < size:
             role_to_id[role] = int(token_id)
             special_ids.add(int(token_id))
-
-    surfaces: list[bytes | None] = [None] * size
-    for token_id, token in enumerate(tokens):
-        if token is None or token_id in special_ids:
-            continue
-        if token_id in verbatim:
-            surfaces[token_id] = token.encode("utf-8")
-        else:
-            surfaces[token_id] = token_bytes(
-                token, convention, byte_fallback=byte_fallback, continuing_prefix=prefix
-            )
     special_contents = {i: tokens[i] or "" for i in sorted(special_ids) if i < size}
+    verbatim -= special_ids
 
     digest = hashlib.sha256()
     header = {
         "normalizer_version": NORMALIZER_VERSION,
         "convention": convention.value,
         "byte_fallback": byte_fallback,
+        "continuing_prefix": prefix,
         "specials": sorted(special_contents.items()),
         "roles": sorted(role_to_id.items()),
         "verbatim": sorted(verbatim),
@@ -316,11 +345,12 @@ def tokenizer_surfaces(tokenizer: Any) -> TokenizerSurfaces:
         digest.update(b"\x00" if token is None else token.encode("utf-8", "surrogatepass") + b"\x01")
     return TokenizerSurfaces(
         tokens=tokens,
-        surfaces=surfaces,
         special_contents=special_contents,
         role_to_id=role_to_id,
+        verbatim=frozenset(verbatim),
         convention=convention,
         byte_fallback=byte_fallback,
+        continuing_prefix=prefix,
         fingerprint=digest.hexdigest(),
     )
 

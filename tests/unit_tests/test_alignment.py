@@ -152,6 +152,9 @@ def test_byte_level_surfaces() -> None:
     assert normalize_token("Ã©", "byte_level") == "é"
     assert token_bytes("Ã", "byte_level") == b"\xc3"  # half a UTF-8 char...
     assert normalize_token("Ã", "byte_level") == "\udcc3"  # ...kept distinct from any real char
+    # Chars outside the alphabet (a hand-added token stored verbatim) are their own UTF-8.
+    assert token_bytes("Ġ日本", "byte_level") == " 日本".encode()
+    assert token_bytes("a\x80", "byte_level") == b"a\xc2\x80"  # U+0080 is not in the alphabet
     # The whole alphabet, against transformers' own bytes_to_unicode.
     for byte, char in BYTE_CHARS.items():
         assert token_bytes(char, Convention.BYTE_LEVEL) == bytes([byte])
@@ -193,6 +196,15 @@ def test_trained_byte_level_surfaces_match_decode(trained_byte_level) -> None:
         checked += 1
     assert checked > 1000
     assert surfaces.surfaces[token_id(trained_byte_level, "Ġ")] == b" "
+
+
+def test_added_tokens_are_verbatim_text_and_change_the_fingerprint() -> None:
+    tok = byte_level_tok(["Ġthe"])
+    before = tokenizer_surfaces(tok)
+    tok.add_tokens(["new word"])  # stored as plain text, not in the byte alphabet
+    after = tokenizer_surfaces(tok)
+    assert after.surfaces[token_id(tok, "new word")] == b"new word"
+    assert after.fingerprint != before.fingerprint
 
 
 def test_llama_surfaces_and_specials() -> None:
