@@ -445,7 +445,7 @@ def _save_atomic(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
 def _load_checked(path: Path, key: str, expected: dict[str, tuple[tuple[int, ...], Any]]) -> dict | None:
     """The arrays cached at ``path``, or None (logged) if missing, unreadable, stale or corrupt.
 
-    ``expected`` maps array name -> (shape, dtype); a shape entry of -1 accepts any length.
+    ``expected`` maps array name -> (shape, dtype).
     """
     if not path.exists():
         return None
@@ -462,11 +462,7 @@ def _load_checked(path: Path, key: str, expected: dict[str, tuple[tuple[int, ...
         problem = "it was built for other tokenizers or another version"
     for name, (shape, dtype) in expected.items():
         got = arrays[name]
-        if (
-            got.dtype != np.dtype(dtype)
-            or len(got.shape) != len(shape)
-            or any(want not in (-1, have) for want, have in zip(shape, got.shape, strict=False))
-        ):
+        if got.dtype != np.dtype(dtype) or got.shape != shape:
             problem = f"array {name!r} is {got.dtype}{got.shape}, expected {np.dtype(dtype)}{shape}"
     if problem is None and meta.get("sha256") != _checksum(arrays):
         problem = "its checksum does not match"
@@ -499,8 +495,13 @@ def _nearest_by_edit_distance(queries: list[str], choices: list[str], progress_d
     Ties: longest common prefix (first 32 chars), then the lowest index. The distance matrix is computed
     in row chunks by rapidfuzz's C++ ``cdist`` on all cores.
     """
-    from rapidfuzz import process
-    from rapidfuzz.distance import Levenshtein
+    try:
+        from rapidfuzz import process
+        from rapidfuzz.distance import Levenshtein
+    except ImportError as exc:
+        raise ImportError(
+            "Building a MinED map needs rapidfuzz: pip install 'langchain-packllm[align]'."
+        ) from exc
 
     query_codes = _leading_codes(queries, pad=-1)  # (Q, P); -1 and -2 never match, so padding ends a prefix
     choice_codes = _leading_codes(choices, pad=-2)  # (C, P)
