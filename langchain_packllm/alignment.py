@@ -1,0 +1,849 @@
+"""Vocabulary alignment between members with different tokenizers (paper section 3.4).
+
+When the pack's members do not share a vocabulary, the reference tokenizer is the top-1 member's (Eq. 5)
+and every other member is aligned to it through token maps computed once per tokenizer pair:
+
+1. **Surfaces.** Each token id is turned into the bytes it stands for, whatever the tokenizer's spelling
+   convention (GPT-2 byte-level ``Ġ``/``Ċ``, SentencePiece ``▁``, byte fallback ``<0x0A>``, WordPiece
+   ``##``). Special tokens have no surface: they are matched by role (bos->bos, eos->eos, ...).
+2. **MinED map** (:class:`MinEDMap`, the paper's method, after FuseLLM): every source token goes to the
+   target token with the identical surface, else to the one at minimum Levenshtein distance.
+   It maps reference input ids to a member's ids, and pulls a member's logits back onto the reference
+   vocabulary (:func:`map_logits_mined`). It is lossy: several reference tokens may read the same member
+   logit and some member tokens are never read.
+3. **Prefix map** (:class:`PrefixMap`, a lossless building block): a sparse (V_src, V_dst) matrix whose rows
+   sum to one; it moves a distribution over the source vocabulary onto the destination vocabulary without
+   losing or double counting probability mass (:meth:`PrefixMap.map_logprobs`).
+
+Both maps are cached on disk (:func:`default_cache_dir`), keyed by the content of both tokenizers.
+
+Example (two toy word-level tokenizers; real ones come from ``AutoTokenizer.from_pretrained``):
+    >>> import torch
+    >>> from tokenizers import Tokenizer, models
+    >>> from transformers import PreTrainedTokenizerFast
+    >>> def toy(words):
+    ...     vocab = {w: i for i, w in enumerate(["<unk>", *words])}
+    ...     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    ...     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    >>> ref_tok, member_tok = toy(["get", "the", "dog"]), toy(["the", "gets", "do"])
+    >>> ref_to_member = MinEDMap.from_tokenizers(ref_tok, member_tok, use_cache=False)
+    >>> ref_to_member.ids.tolist(), ref_to_member.exact.tolist()  # "get" -> "gets", "dog" -> "do"
+    ([0, 2, 1, 3], [True, False, True, False])
+    >>> ref_to_member.map_ids(torch.tensor([[1, 2, 3]]))  # reference input ids -> member input ids
+    tensor([[2, 1, 3]])
+    >>> member_logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])  # (B, V_member)
+    >>> map_logits_mined(member_logits, ref_to_member)  # (B, V_ref): the logit of each ref token's image
+    tensor([[0., 2., 1., 3.]])
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+# Bump when the surface rules change: every cached map is then rebuilt (the version is in the cache key).
+NORMALIZER_VERSION = 1
+# Bump when a map's construction rule changes.
+MINED_VERSION = 1
+PREFIX_VERSION = 1
+
+# Roles a special token can play, in the order used to pick a counterpart when a token plays several
+# (GPT-2's <|endoftext|> is bos, eos and unk at once: as a prediction it means "stop", so eos comes first).
+SPECIAL_ROLES: tuple[str, ...] = ("eos", "bos", "pad", "unk", "sep", "cls", "mask")
+
+
+# --------------------------------------------------------------------------------------------------------
+# 1. Surfaces: what text each token id stands for
+# --------------------------------------------------------------------------------------------------------
+
+
+class Convention(str, enum.Enum):
+    """How a tokenizer spells its tokens."""
+
+    BYTE_LEVEL = "byte_level"  # GPT-2 / Llama-3 / Qwen: every byte drawn as a printable char, "Ġ" = space
+    METASPACE = "metaspace"  # SentencePiece / Llama-2 / Mistral / T5: "▁" = space, maybe <0xNN> bytes
+    WORDPIECE = "wordpiece"  # BERT: "##" marks a word-internal piece, other pieces start a word
+    PLAIN = "plain"  # the token string is the text (WordLevel, char-level, whitespace-split BPE)
+
+
+@lru_cache(maxsize=1)
+def _gpt2_unicode_to_byte() -> dict[str, int]:
+    """The inverse of GPT-2's ``bytes_to_unicode`` table: printable char -> the byte it draws."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    byte_values, code_points = printable[:], printable[:]
+    shift = 0
+    for b in range(256):
+        if b not in printable:  # control chars, space, NBSP, soft hyphen: moved to 256 + n
+            byte_values.append(b)
+            code_points.append(256 + shift)
+            shift += 1
+    return {chr(cp): b for b, cp in zip(byte_values, code_points, strict=True)}
+
+
+@lru_cache(maxsize=1)
+def _gpt2_translation() -> dict[int, str]:
+    """``str.translate`` table: alphabet char -> chr(its byte); any other char below 256 -> a char above 255,
+    so that ``.encode("latin-1")`` of the result succeeds exactly when every char is in the alphabet."""
+    table = {ord(ch): chr(b) for ch, b in _gpt2_unicode_to_byte().items()}
+    for cp in range(256):
+        table.setdefault(cp, "\uffff")
+    return table
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(
+    token: str,
+    convention: Convention | str,
+    *,
+    byte_fallback: bool = True,
+    continuing_prefix: str = "##",
+) -> bytes:
+    """The bytes a (non-special) vocabulary entry stands for.
+
+    Rules per convention:
+      - ``byte_level``: each char is one byte of GPT-2's ``bytes_to_unicode`` alphabet
+        (``Ġ`` -> ``b" "``, ``Ċ`` -> ``b"\\n"``, ``Ã`` -> ``b"\\xc3"``); the result may be a partial UTF-8
+        sequence. A char outside the alphabet (a hand-added token stored verbatim) is taken as its own
+        UTF-8 encoding.
+      - ``metaspace``: ``▁`` -> space; with ``byte_fallback``, a whole token ``<0xNN>`` is the byte 0xNN.
+      - ``wordpiece``: ``##ing`` -> ``b"ing"``; a word-initial piece ``the`` -> ``b" the"`` (it follows a
+        space in running text, like GPT-2's ``Ġthe``).
+      - ``plain``: the UTF-8 of the token (``<0xNN>`` is decoded when ``byte_fallback``).
+
+    Example:
+        >>> token_bytes("ĠhelloĊ", "byte_level")
+        b' hello\\n'
+        >>> token_bytes("Ã", "byte_level")  # first byte of a two-byte UTF-8 char
+        b'\\xc3'
+        >>> token_bytes("▁hello", "metaspace"), token_bytes("<0x0A>", "metaspace")
+        (b' hello', b'\\n')
+        >>> token_bytes("##ing", "wordpiece"), token_bytes("the", "wordpiece")
+        (b'ing', b' the')
+    """
+    convention = Convention(convention)
+    if convention is Convention.BYTE_LEVEL:
+        try:  # fast path: every char is in the alphabet
+            return token.translate(_gpt2_translation()).encode("latin-1")
+        except UnicodeEncodeError:
+            pass
+        table = _gpt2_unicode_to_byte()
+        out = bytearray()
+        for ch in token:
+            b = table.get(ch)
+            if b is None:
+                out += ch.encode("utf-8")
+            else:
+                out.append(b)
+        return bytes(out)
+    if byte_fallback and convention in (Convention.METASPACE, Convention.PLAIN):
+        match = _BYTE_FALLBACK.fullmatch(token)
+        if match:
+            return bytes([int(match.group(1), 16)])
+    if convention is Convention.METASPACE:
+        return token.replace("▁", " ").encode("utf-8")
+    if convention is Convention.WORDPIECE:
+        if continuing_prefix and token.startswith(continuing_prefix):
+            return token[len(continuing_prefix) :].encode("utf-8")
+        return (" " + token).encode("utf-8")
+    return token.encode("utf-8")
+
+
+def normalize_token(token: str, convention: Convention | str, **kwargs: Any) -> str:
+    """The decoded surface text of a vocabulary entry (see :func:`token_bytes` for the rules).
+
+    Bytes that are not valid UTF-8 on their own (a partial multi-byte char) are kept as lone surrogates
+    (``errors="surrogateescape"``), so no two different byte strings share a surface.
+
+    Example:
+        >>> normalize_token("Ġworld", "byte_level"), normalize_token("▁world", "metaspace")
+        (' world', ' world')
+        >>> normalize_token("Ã©", "byte_level")  # two byte-level chars, one UTF-8 char
+        'é'
+        >>> normalize_token("Ã", "byte_level")  # half of it
+        '\\udcc3'
+    """
+    return token_bytes(token, convention, **kwargs).decode("utf-8", errors="surrogateescape")
+
+
+def _component_types(node: Any) -> list[str]:
+    """Every ``"type"`` in a tokenizer.json component, looking inside Sequence components."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        if isinstance(node.get("type"), str):
+            found.append(node["type"])
+        for value in node.values():
+            found += _component_types(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _component_types(value)
+    return found
+
+
+def _component_spec(component: Any) -> Any:
+    """A backend component (pre-tokenizer, decoder, normalizer) as its tokenizer.json dict, or None."""
+    return None if component is None else json.loads(component.__getstate__())
+
+
+def detect_convention(tokenizer: Any) -> tuple[Convention, bool, str]:
+    """(convention, byte_fallback, continuing_prefix) of a tokenizer.
+
+    Read from the fast backend's components (pre-tokenizer, normalizer, decoder, model) when there is one;
+    otherwise guessed from vocabulary statistics (share of tokens containing ``Ġ``, ``▁``, ``##``).
+
+    Example:
+        >>> detect_convention(gpt2_tokenizer)  # doctest: +SKIP
+        (<Convention.BYTE_LEVEL: 'byte_level'>, False, '##')
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        model = backend.model
+        pieces = [_component_spec(c) for c in (backend.pre_tokenizer, backend.decoder, backend.normalizer)]
+        types = set(_component_types(pieces))
+        byte_fallback = bool(getattr(model, "byte_fallback", False)) or "ByteFallback" in types
+        prefix = getattr(model, "continuing_subword_prefix", None) or "##"
+        if "ByteLevel" in types:
+            return Convention.BYTE_LEVEL, byte_fallback, prefix
+        if "Metaspace" in types or "▁" in json.dumps(pieces, ensure_ascii=False):
+            return Convention.METASPACE, byte_fallback, prefix
+        if type(model).__name__ == "WordPiece" or "WordPiece" in types:
+            return Convention.WORDPIECE, byte_fallback, prefix
+        # Fall through to statistics: e.g. a backend without pre-tokenizer/decoder but a GPT-2 vocabulary.
+    vocab = list(tokenizer.get_vocab())
+    n = max(len(vocab), 1)
+    byte_fallback = sum(bool(_BYTE_FALLBACK.fullmatch(t)) for t in vocab) >= 128
+    shares = {
+        Convention.BYTE_LEVEL: sum("Ġ" in t or "Ċ" in t for t in vocab) / n,
+        Convention.METASPACE: sum("▁" in t for t in vocab) / n,
+        Convention.WORDPIECE: sum(t.startswith("##") for t in vocab) / n,
+    }
+    best = max(shares, key=shares.__getitem__)
+    return (best if shares[best] >= 0.05 else Convention.PLAIN), byte_fallback, "##"
+
+
+@dataclass(frozen=True)
+class TokenizerSurfaces:
+    """What every id of one tokenizer stands for: its bytes, or its special-token roles.
+
+    Built by :func:`tokenizer_surfaces`; the maps below only ever look at this, so it may be computed once
+    per tokenizer and reused for every pair. ``surfaces`` is computed on first use: a cache hit needs
+    only the ``fingerprint``.
+    """
+
+    tokens: list[str | None]  # (V,) raw vocabulary entries; None for an id the tokenizer never assigns
+    special_contents: dict[int, str]  # special id -> its content, e.g. {2: "</s>"}
+    role_to_id: dict[str, int]  # e.g. {"bos": 1, "eos": 2, "unk": 0}
+    verbatim: frozenset[int]  # non-special added tokens: stored as plain text whatever the convention
+    convention: Convention
+    byte_fallback: bool
+    continuing_prefix: str
+    fingerprint: str = field(repr=False)  # sha256 of everything above (+ NORMALIZER_VERSION)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    @cached_property
+    def surfaces(self) -> list[bytes | None]:
+        """(V,) bytes of each regular token; None for specials and unassigned ids."""
+        out: list[bytes | None] = [None] * self.vocab_size
+        for token_id, token in enumerate(self.tokens):
+            if token is None or token_id in self.special_contents:
+                continue
+            if token_id in self.verbatim:
+                out[token_id] = token.encode("utf-8")
+            else:
+                out[token_id] = token_bytes(
+                    token,
+                    self.convention,
+                    byte_fallback=self.byte_fallback,
+                    continuing_prefix=self.continuing_prefix,
+                )
+        return out
+
+    def roles(self, token_id: int) -> list[str]:
+        """Roles of a special id in :data:`SPECIAL_ROLES` order (none for e.g. an added <|im_start|>)."""
+        return [role for role in SPECIAL_ROLES if self.role_to_id.get(role) == token_id]
+
+    def is_byte_fallback(self, token_id: int) -> bool:
+        token = self.tokens[token_id]
+        return bool(self.byte_fallback and token is not None and _BYTE_FALLBACK.fullmatch(token))
+
+
+def tokenizer_surfaces(tokenizer: Any) -> TokenizerSurfaces:
+    """Surfaces of every token id of a Hugging Face tokenizer (fast preferred; slow ones are guessed).
+
+    Special tokens are the tokenizer's ``all_special_ids`` plus any added token flagged ``special``.
+    Non-special added tokens are stored verbatim by the backend, so their surface is their UTF-8 content.
+
+    Example:
+        >>> s = tokenizer_surfaces(gpt2_tokenizer)  # doctest: +SKIP
+        >>> s.surfaces[s.tokens.index("Ġthe")], s.role_to_id["eos"]  # doctest: +SKIP
+        (b' the', 50256)
+    """
+    if isinstance(tokenizer, TokenizerSurfaces):
+        return tokenizer
+    if not hasattr(tokenizer, "get_vocab"):
+        raise TypeError(
+            f"Expected a Hugging Face tokenizer (with get_vocab()), got {type(tokenizer).__name__}; "
+            "load one with transformers.AutoTokenizer.from_pretrained(...)."
+        )
+    convention, byte_fallback, prefix = detect_convention(tokenizer)
+    vocab: dict[str, int] = tokenizer.get_vocab()
+    size = max(vocab.values(), default=-1) + 1
+    tokens: list[str | None] = [None] * size
+    for token, token_id in vocab.items():
+        tokens[token_id] = token
+
+    special_ids = {int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None}
+    verbatim: set[int] = set()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        for added_id, added in backend.get_added_tokens_decoder().items():
+            (special_ids if added.special else verbatim).add(int(added_id))
+    role_to_id = {}
+    for role in SPECIAL_ROLES:
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if token_id is not None and 0 <= int(token_id) < size:
+            role_to_id[role] = int(token_id)
+            special_ids.add(int(token_id))
+    special_contents = {i: tokens[i] or "" for i in sorted(special_ids) if i < size}
+    verbatim -= special_ids
+
+    digest = hashlib.sha256()
+    header = {
+        "normalizer_version": NORMALIZER_VERSION,
+        "convention": convention.value,
+        "byte_fallback": byte_fallback,
+        "continuing_prefix": prefix,
+        "specials": sorted(special_contents.items()),
+        "roles": sorted(role_to_id.items()),
+        "verbatim": sorted(verbatim),
+    }
+    digest.update(json.dumps(header, ensure_ascii=False).encode("utf-8"))
+    for token in tokens:  # the full vocabulary, in id order
+        digest.update(b"\x00" if token is None else token.encode("utf-8", "surrogatepass") + b"\x01")
+    return TokenizerSurfaces(
+        tokens=tokens,
+        special_contents=special_contents,
+        role_to_id=role_to_id,
+        verbatim=frozenset(verbatim),
+        convention=convention,
+        byte_fallback=byte_fallback,
+        continuing_prefix=prefix,
+        fingerprint=digest.hexdigest(),
+    )
+
+
+def _map_special(token_id: int, src: TokenizerSurfaces, dst: TokenizerSurfaces) -> tuple[int, bool]:
+    """(dst id, exact) for a src special token or an unassigned src id. Never maps to a text token.
+
+    Order: a dst special with the same role (roles tried in :data:`SPECIAL_ROLES` order) -> exact; a dst
+    special with the same content (e.g. both have ``<|im_start|>``) -> exact; otherwise dst unk, else dst
+    eos, else dst's lowest special id -> not exact. A dst with no special token at all is an error.
+    """
+    for role in src.roles(token_id):
+        if role in dst.role_to_id:
+            return dst.role_to_id[role], True
+    content = src.special_contents.get(token_id)
+    if content is not None:
+        for dst_id, dst_content in dst.special_contents.items():
+            if dst_content == content:
+                return dst_id, True
+    for role in ("unk", "eos"):
+        if role in dst.role_to_id:
+            return dst.role_to_id[role], False
+    if dst.special_contents:
+        return min(dst.special_contents), False
+    raise ValueError(
+        f"Cannot map special token {content!r} (id {token_id}): the destination tokenizer has no special "
+        "tokens at all. Give it an unk or eos token (tokenizer.add_special_tokens({'eos_token': ...}))."
+    )
+
+
+def _canonical_targets(dst: TokenizerSurfaces) -> dict[bytes, int]:
+    """surface -> the dst id to use for it. When several ids share a surface (Llama's ``<0x41>`` and ``A``),
+    a regular token wins over a byte-fallback one, then the lower id."""
+    lookup: dict[bytes, int] = {}
+    for token_id, surface in enumerate(dst.surfaces):
+        if not surface:
+            continue
+        known = lookup.get(surface)
+        if known is None or (dst.is_byte_fallback(known) and not dst.is_byte_fallback(token_id)):
+            lookup[surface] = token_id
+    return lookup
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2. Disk cache
+# --------------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """Where alignment maps are cached.
+
+    ``$PACKLLM_HOME/alignment``, else ``$XDG_CACHE_HOME/packllm/alignment``,
+    else ``~/.cache/packllm/alignment``.
+    """
+    if os.environ.get("PACKLLM_HOME"):
+        return Path(os.environ["PACKLLM_HOME"]).expanduser() / "alignment"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "packllm" / "alignment"
+    return Path.home() / ".cache" / "packllm" / "alignment"
+
+
+def _cache_key(kind: str, version: int, src: TokenizerSurfaces, dst: TokenizerSurfaces) -> str:
+    """sha256 of (map kind, its version, normaliser version, both tokenizers' fingerprints)."""
+    payload = json.dumps([kind, version, NORMALIZER_VERSION, src.fingerprint, dst.fingerprint])
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _checksum(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode() + str(arrays[name].dtype).encode() + str(arrays[name].shape).encode())
+        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return digest.hexdigest()
+
+
+def _save_atomic(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` + a header (key, checksum) to ``path`` via a temp file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = json.dumps({"key": key, "sha256": _checksum(arrays)})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, meta=np.array(meta), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_checked(path: Path, key: str, expected: dict[str, tuple[tuple[int, ...], Any]]) -> dict | None:
+    """The arrays cached at ``path``, or None (logged) if missing, unreadable, stale or corrupt.
+
+    ``expected`` maps array name -> (shape, dtype).
+    """
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            meta = json.loads(str(archive["meta"]))
+            arrays = {name: archive[name] for name in expected}
+    except Exception as exc:  # a truncated/garbled zip raises several error types; all mean "rebuild"
+        reason = f"{type(exc).__name__}: {exc}"
+        logger.warning("Alignment cache %s is unreadable (%s); rebuilding it.", path, reason)
+        return None
+    problem = None
+    if meta.get("key") != key:
+        problem = "it was built for other tokenizers or another version"
+    for name, (shape, dtype) in expected.items():
+        got = arrays[name]
+        if got.dtype != np.dtype(dtype) or got.shape != shape:
+            problem = f"array {name!r} is {got.dtype}{got.shape}, expected {np.dtype(dtype)}{shape}"
+    if problem is None and meta.get("sha256") != _checksum(arrays):
+        problem = "its checksum does not match"
+    if problem:
+        logger.warning("Alignment cache %s is not trusted (%s); rebuilding it.", path, problem)
+        return None
+    return arrays
+
+
+# --------------------------------------------------------------------------------------------------------
+# 3. MinED map (the paper's alignment)
+# --------------------------------------------------------------------------------------------------------
+
+_PREFIX_CAP = 32  # tie-break compares at most this many leading chars
+_CDIST_BUDGET = 30_000_000  # distance-matrix cells per chunk (int16: 60 MB)
+
+
+def _leading_codes(texts: Sequence[str], pad: int) -> np.ndarray:
+    """(N, _PREFIX_CAP) int32 code points of each text's first chars, padded with ``pad``."""
+    codes = np.full((len(texts), _PREFIX_CAP), pad, dtype=np.int32)
+    for row, text in enumerate(texts):
+        head = [ord(ch) for ch in text[:_PREFIX_CAP]]
+        codes[row, : len(head)] = head
+    return codes
+
+
+def _nearest_by_edit_distance(queries: list[str], choices: list[str], progress_desc: str) -> np.ndarray:
+    """(Q,) index into ``choices`` of each query's nearest choice by Levenshtein distance.
+
+    Ties: longest common prefix (first 32 chars), then the lowest index. The distance matrix is computed
+    in row chunks by rapidfuzz's C++ ``cdist`` on all cores.
+    """
+    try:
+        from rapidfuzz import process
+        from rapidfuzz.distance import Levenshtein
+    except ImportError as exc:
+        raise ImportError(
+            "Building a MinED map needs rapidfuzz: pip install 'langchain-packllm[align]'."
+        ) from exc
+
+    query_codes = _leading_codes(queries, pad=-1)  # (Q, P); -1 and -2 never match, so padding ends a prefix
+    choice_codes = _leading_codes(choices, pad=-2)  # (C, P)
+    rows_per_chunk = max(16, _CDIST_BUDGET // max(len(choices), 1))
+    nearest = np.empty(len(queries), dtype=np.int64)
+    with tqdm(total=len(queries), desc=progress_desc, unit="tok", delay=2.0, leave=False) as bar:
+        for start in range(0, len(queries), rows_per_chunk):
+            stop = min(start + rows_per_chunk, len(queries))
+            dist = process.cdist(
+                queries[start:stop],
+                choices,
+                scorer=Levenshtein.distance,
+                workers=-1,
+                dtype=np.int16,
+                score_cutoff=32_000,
+            )  # (q, C)
+            rows, cols = np.nonzero(dist == dist.min(axis=1, keepdims=True))  # all minimum-distance pairs
+            same = query_codes[start + rows] == choice_codes[cols]  # (pairs, P)
+            prefix = np.cumprod(same, axis=1).sum(axis=1)  # (pairs,) common prefix length
+            order = np.lexsort((cols, -prefix, rows))  # per row: longest prefix first, then lowest index
+            rows, cols = rows[order], cols[order]
+            first = np.ones(len(rows), dtype=bool)
+            first[1:] = rows[1:] != rows[:-1]
+            nearest[start + rows[first]] = cols[first]
+            bar.update(stop - start)
+    return nearest
+
+
+@dataclass
+class MinEDMap:
+    """Minimum-edit-distance token map from a source vocabulary to a destination vocabulary.
+
+    ``ids[s]`` is the destination id for source id ``s``: the regular destination token with the same
+    surface if there is one (``exact[s]``), else the one at minimum Levenshtein distance between the
+    normalised surfaces (ties: longer common prefix, then lower id). Special tokens map by role
+    (see :func:`_map_special`) and never to text; regular tokens never map to specials.
+
+    For the paper's use, build it with src = the reference tokenizer and dst = a member's:
+    :meth:`map_ids` turns reference input ids into the member's, and :func:`map_logits_mined` pulls the
+    member's logits back onto the reference vocabulary.
+
+    Example:
+        >>> ref_to_member = MinEDMap.from_tokenizers(ref_tok, member_tok)  # doctest: +SKIP
+        >>> ref_to_member.ids.shape, ref_to_member.exact_fraction  # doctest: +SKIP
+        ((32000,), 0.71)
+    """
+
+    ids: np.ndarray  # (V_src,) int64 destination id of each source id
+    exact: np.ndarray  # (V_src,) bool: surface (or special role) matched exactly
+    dst_vocab_size: int
+    key: str = ""
+    from_cache: bool = False
+    build_seconds: float = 0.0
+    _device_ids: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def src_vocab_size(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_exact(self) -> int:
+        return int(self.exact.sum())
+
+    @property
+    def exact_fraction(self) -> float:
+        return self.n_exact / max(len(self.ids), 1)
+
+    def ids_on(self, device: torch.device | str) -> torch.Tensor:
+        """The map as an int64 tensor on ``device`` (copied once per device)."""
+        device = torch.device(device)
+        if device not in self._device_ids:
+            self._device_ids[device] = torch.as_tensor(self.ids, dtype=torch.long, device=device)
+        return self._device_ids[device]
+
+    def map_ids(self, src_ids: torch.Tensor) -> torch.Tensor:
+        """Source token ids (any shape) -> destination token ids (same shape)."""
+        return self.ids_on(src_ids.device)[src_ids]
+
+    @classmethod
+    def from_tokenizers(
+        cls,
+        src_tokenizer: Any,
+        dst_tokenizer: Any,
+        cache_dir: str | Path | None = None,
+        use_cache: bool = True,
+    ) -> MinEDMap:
+        """Load the (src -> dst) map from the disk cache, or build and cache it.
+
+        Args:
+            src_tokenizer: Hugging Face tokenizer (or :class:`TokenizerSurfaces`) whose ids are mapped.
+            dst_tokenizer: the one they are mapped to.
+            cache_dir: directory for the cache file; default :func:`default_cache_dir`.
+            use_cache: False to always build and never read or write the cache.
+        """
+        src, dst = tokenizer_surfaces(src_tokenizer), tokenizer_surfaces(dst_tokenizer)
+        key = _cache_key("mined", MINED_VERSION, src, dst)
+        path = Path(cache_dir or default_cache_dir()) / f"mined-{key[:40]}.npz"
+        if use_cache:
+            expected = {"ids": ((src.vocab_size,), np.int64), "exact": ((src.vocab_size,), np.bool_)}
+            cached = _load_checked(path, key, expected)
+            if cached is not None and _ids_in_range(cached["ids"], dst.vocab_size, path):
+                return cls(cached["ids"], cached["exact"], dst.vocab_size, key=key, from_cache=True)
+        started = time.perf_counter()
+        ids, exact = _build_mined(src, dst)
+        seconds = time.perf_counter() - started
+        logger.info(
+            "Built MinED map %d -> %d tokens in %.1f s: %.1f%% exact (%s).",
+            src.vocab_size,
+            dst.vocab_size,
+            seconds,
+            100 * exact.mean(),
+            path.name,
+        )
+        if use_cache:
+            _save_atomic(path, key, {"ids": ids, "exact": exact})
+        return cls(ids, exact, dst.vocab_size, key=key, build_seconds=seconds)
+
+
+def _ids_in_range(ids: np.ndarray, size: int, path: Path) -> bool:
+    if len(ids) and (ids.min() < 0 or ids.max() >= size):
+        logger.warning("Alignment cache %s holds ids outside [0, %d); rebuilding it.", path, size)
+        return False
+    return True
+
+
+def _build_mined(src: TokenizerSurfaces, dst: TokenizerSurfaces) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, exact), each (V_src,): exact surface matches first, edit distance for the rest."""
+    ids = np.empty(src.vocab_size, dtype=np.int64)
+    exact = np.zeros(src.vocab_size, dtype=bool)
+    targets = _canonical_targets(dst)
+    remainder: dict[bytes, list[int]] = {}  # surface -> src ids still unmatched (deduplicated queries)
+    for token_id, surface in enumerate(src.surfaces):
+        if surface is None:  # special or unassigned id
+            ids[token_id], exact[token_id] = _map_special(token_id, src, dst)
+        elif surface in targets:
+            ids[token_id], exact[token_id] = targets[surface], True
+        else:
+            remainder.setdefault(surface, []).append(token_id)
+    if remainder:
+        if not targets:
+            raise ValueError("The destination tokenizer has no regular (non-special) tokens to map onto.")
+        choice_ids = np.array(sorted(targets.values()), dtype=np.int64)  # ascending id: ties -> lower id
+        choices = [dst.surfaces[i].decode("utf-8", "surrogateescape") for i in choice_ids]
+        queries = [s.decode("utf-8", "surrogateescape") for s in remainder]
+        nearest = choice_ids[_nearest_by_edit_distance(queries, choices, "MinED map")]
+        for token_ids, dst_id in zip(remainder.values(), nearest, strict=True):
+            ids[token_ids] = dst_id
+    return ids, exact
+
+
+def map_logits_mined(member_logits: torch.Tensor, ref_to_member: MinEDMap) -> torch.Tensor:
+    """A member's logits over its vocabulary -> logits over the reference vocabulary (paper section 3.4).
+
+    For each reference token ``r`` the result holds the member's logit for its MinED image
+    ``ref_to_member.ids[r]``: a gather, ``(..., V_member) -> (..., V_ref)``. Several reference tokens may
+    read the same member logit, so re-normalise (``log_softmax``) after fusing, as Eq. 1 does anyway.
+    Extra trailing logits (a model whose embedding is padded beyond its tokenizer) are never read.
+
+    Example: see the module docstring.
+    """
+    if member_logits.shape[-1] < ref_to_member.dst_vocab_size:
+        raise ValueError(
+            f"member_logits has {member_logits.shape[-1]} entries in its last dim, but the member's "
+            f"tokenizer has {ref_to_member.dst_vocab_size} tokens; pass the member's full logits, and build "
+            "the map as MinEDMap.from_tokenizers(reference_tokenizer, member_tokenizer)."
+        )
+    return member_logits.index_select(-1, ref_to_member.ids_on(member_logits.device))  # (..., V_ref)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4. Prefix map: move a distribution between vocabularies without losing mass
+# --------------------------------------------------------------------------------------------------------
+
+
+def _build_prefix_assignment(src: TokenizerSurfaces, dst: TokenizerSurfaces) -> tuple[np.ndarray, np.ndarray]:
+    """(dst_index, whole), each (V_src,): the dst token that receives each src token's mass.
+
+    Rule, for a src token with surface ``b``:
+      1. special (or unassigned) -> its counterpart by role (:func:`_map_special`);
+      2. else the **longest** dst surface that is a prefix of ``b`` (the dst token the continuation ``b``
+         starts with under greedy longest-match); ``whole`` marks the case where that is all of ``b``;
+      3. else (``b`` starts with a byte/char dst lacks) the lexicographically first dst surface that
+         extends ``b``; else dst unk (or eos, see :func:`_map_special`).
+    Every src token goes to exactly one dst token, so each row of the matrix has one 1.
+    """
+    targets = _canonical_targets(dst)
+    by_text = sorted(targets)  # dst surfaces in byte order, for rule 3
+    longest = max(map(len, targets), default=0)
+    dst_index = np.empty(src.vocab_size, dtype=np.int64)
+    whole = np.zeros(src.vocab_size, dtype=bool)
+    for token_id, surface in enumerate(src.surfaces):
+        if not surface:
+            dst_index[token_id], whole[token_id] = _map_special(token_id, src, dst)
+            continue
+        for length in range(min(len(surface), longest), 0, -1):  # rule 2
+            hit = targets.get(surface[:length])
+            if hit is not None:
+                dst_index[token_id], whole[token_id] = hit, length == len(surface)
+                break
+        else:
+            pos = bisect.bisect_left(by_text, surface)  # rule 3
+            if pos < len(by_text) and by_text[pos].startswith(surface):
+                dst_index[token_id] = targets[by_text[pos]]
+            else:
+                dst_index[token_id], _ = _map_special(-1, src, dst)
+    return dst_index, whole
+
+
+@dataclass
+class PrefixMap:
+    """A mass-preserving map of distributions from a source vocabulary onto a destination vocabulary.
+
+    ``matrix()`` is a sparse (V_src, V_dst) matrix with rows summing to one; a distribution ``p`` over the
+    source vocabulary becomes ``q = p @ matrix`` over the destination vocabulary, so ``sum(q) == sum(p)``:
+    no mass is lost and none is counted twice. The current rule (:func:`_build_prefix_assignment`) gives
+    each source token's whole mass to the longest destination token that its surface starts with, e.g.
+    src ``" there"`` -> dst ``" the"`` when dst has no ``" there"``. With one 1 per row the products are
+    index operations (``dst_index``); a rule that splits a token's mass over several destination tokens
+    would keep the same contract with a sparse matmul.
+
+    Typical use: ``PrefixMap.from_tokenizers(member_tok, ref_tok).map_logprobs(member_logprobs)``.
+
+    Example (src tokens " the", " there", " a"; dst tokens " the", " a": " there" starts with " the"):
+        >>> import numpy as np, torch
+        >>> member_to_ref = PrefixMap(np.array([0, 0, 1]), np.array([True, False, True]), dst_vocab_size=2)
+        >>> member_logprobs = torch.tensor([[0.5, 0.2, 0.3]]).log()  # (B, V_src)
+        >>> member_to_ref.map_logprobs(member_logprobs).exp()  # (B, V_dst)
+        tensor([[0.7000, 0.3000]])
+    """
+
+    dst_index: np.ndarray  # (V_src,) int64: the dst token each src token's mass goes to
+    whole: np.ndarray  # (V_src,) bool: that dst token's surface is the src token's whole surface
+    dst_vocab_size: int
+    key: str = ""
+    from_cache: bool = False
+    build_seconds: float = 0.0
+    _device_index: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def src_vocab_size(self) -> int:
+        return len(self.dst_index)
+
+    @property
+    def whole_fraction(self) -> float:
+        return float(self.whole.mean()) if len(self.whole) else 0.0
+
+    def matrix(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The map as a sparse COO matrix, (V_src, V_dst), one 1 per row (rows sum to one)."""
+        rows = torch.arange(self.src_vocab_size)  # (V_src,)
+        cols = torch.as_tensor(self.dst_index, dtype=torch.long)  # (V_src,)
+        values = torch.ones(self.src_vocab_size, dtype=dtype)
+        shape = (self.src_vocab_size, self.dst_vocab_size)
+        matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=True)
+        return matrix.to(device)
+
+    def index_on(self, device: torch.device | str) -> torch.Tensor:
+        """``dst_index`` as an int64 tensor on ``device`` (copied once per device)."""
+        device = torch.device(device)
+        if device not in self._device_index:
+            self._device_index[device] = torch.as_tensor(self.dst_index, dtype=torch.long, device=device)
+        return self._device_index[device]
+
+    def map_probs(self, src_probs: torch.Tensor) -> torch.Tensor:
+        """(B, V_src) probabilities -> (B, V_dst) probabilities with the same row sums: ``p @ matrix``.
+
+        Each row of the matrix holds a single 1, so the product is a scatter-add over ``dst_index``.
+        """
+        src_probs = self._check_width(src_probs)  # (B, V_src)
+        dst_probs = src_probs.new_zeros(src_probs.shape[0], self.dst_vocab_size)  # (B, V_dst)
+        return dst_probs.index_add_(1, self.index_on(src_probs.device), src_probs)
+
+    def map_logprobs(self, src_logprobs: torch.Tensor) -> torch.Tensor:
+        """(B, V_src) log-probabilities -> (B, V_dst) log-probabilities, as ``log(exp(x) @ matrix)``.
+
+        Computed as a log-sum-exp per destination token (each group shifted by its own max), so a token
+        1000 nats below the row's best is kept, not underflowed to -inf. A destination token that receives
+        no source token gets -inf: fusing code that adds log-probs must decide what that means (see
+        docs/ALIGNMENT.md). The output is normalised exactly when the input is; nothing renormalises.
+        """
+        src_logprobs = self._check_width(src_logprobs)  # (B, V_src)
+        index = self.index_on(src_logprobs.device).expand_as(src_logprobs)  # (B, V_src)
+        group_max = src_logprobs.new_full((src_logprobs.shape[0], self.dst_vocab_size), float("-inf"))
+        group_max = group_max.scatter_reduce(1, index, src_logprobs, reduce="amax")  # (B, V_dst)
+        shift = torch.where(torch.isfinite(group_max), group_max, torch.zeros_like(group_max))  # (B, V_dst)
+        shifted = torch.exp(src_logprobs - shift.gather(1, index))  # (B, V_src), each <= 1
+        sums = torch.zeros_like(shift).index_add_(1, index[0], shifted)  # (B, V_dst)
+        return torch.log(sums) + shift
+
+    def _check_width(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"Expected a (batch, vocab) tensor, got shape {tuple(x.shape)}; reshape to 2-D.")
+        if x.shape[-1] < self.src_vocab_size:
+            raise ValueError(
+                f"Got {x.shape[-1]} source-vocabulary entries, the map expects {self.src_vocab_size}; "
+                "build the map from the tokenizer of the model these scores come from."
+            )
+        return x[:, : self.src_vocab_size]  # drop a model's padded, tokenizer-less tail
+
+    @classmethod
+    def from_tokenizers(
+        cls,
+        src_tokenizer: Any,
+        dst_tokenizer: Any,
+        cache_dir: str | Path | None = None,
+        use_cache: bool = True,
+    ) -> PrefixMap:
+        """Load the (src -> dst) prefix map from the disk cache, or build and cache it
+        (arguments as :meth:`MinEDMap.from_tokenizers`)."""
+        src, dst = tokenizer_surfaces(src_tokenizer), tokenizer_surfaces(dst_tokenizer)
+        key = _cache_key("prefix", PREFIX_VERSION, src, dst)
+        path = Path(cache_dir or default_cache_dir()) / f"prefix-{key[:40]}.npz"
+        if use_cache:
+            expected = {"dst_index": ((src.vocab_size,), np.int64), "whole": ((src.vocab_size,), np.bool_)}
+            cached = _load_checked(path, key, expected)
+            if cached is not None and _ids_in_range(cached["dst_index"], dst.vocab_size, path):
+                return cls(cached["dst_index"], cached["whole"], dst.vocab_size, key=key, from_cache=True)
+        started = time.perf_counter()
+        dst_index, whole = _build_prefix_assignment(src, dst)
+        seconds = time.perf_counter() - started
+        logger.info(
+            "Built prefix map %d -> %d tokens in %.1f s: %.1f%% whole-token matches (%s).",
+            src.vocab_size,
+            dst.vocab_size,
+            seconds,
+            100 * whole.mean(),
+            path.name,
+        )
+        if use_cache:
+            _save_atomic(path, key, {"dst_index": dst_index, "whole": whole})
+        return cls(dst_index, whole, dst.vocab_size, key=key, build_seconds=seconds)
+
+
+__all__ = [
+    "SPECIAL_ROLES",
+    "Convention",
+    "MinEDMap",
+    "PrefixMap",
+    "TokenizerSurfaces",
+    "default_cache_dir",
+    "detect_convention",
+    "map_logits_mined",
+    "normalize_token",
+    "token_bytes",
+    "tokenizer_surfaces",
+]
