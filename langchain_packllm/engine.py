@@ -116,6 +116,9 @@ class FusionReport:
     prompt_tokens: int
     fallback: str | None = None
     truncated: bool = False
+    reference: str | None = None  # whose tokenizer the prompt was read with (packs of mixed vocabularies)
+    approx_tokens: int = 0  # prompt tokens some member could only read through an approximate (MinED) map
+    bits_per_byte: dict[str, float] | None = None  # each member on its own tokenization (mixed packs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,17 +175,28 @@ class _Row:
 
 
 class FusionEngine:
-    """Fuses members that share one vocabulary; the weights are solved per prompt.
+    """Fuses a pack of causal LMs; the weights are solved per prompt.
 
     Args:
         members: the pack, in the order reports list them.
         mix_device: where the mix, the weight solve and sampling run (default: the first member's device).
+        alignment: how members with different vocabularies are fused. ``"auto"``: not at all when they share
+            one, else ``"mined"``. ``"mined"``: the paper's section 3.4: per prompt the reference tokenizer is
+            that of the member with the lowest bits per byte on the prompt (each member scoring its own
+            tokenization); the others read the reference tokens through minimum-edit-distance token maps and
+            their logits are mapped back onto the reference vocabulary. ``"none"``: refuse different
+            vocabularies.
 
     Thread safety: calls are serialised by an internal lock, so concurrent callers (LangChain's thread-pool
     ``batch``) never share a cache or a random generator.
     """
 
-    def __init__(self, members: Sequence[Member], mix_device: str | torch.device | None = None):
+    def __init__(
+        self,
+        members: Sequence[Member],
+        mix_device: str | torch.device | None = None,
+        alignment: str = "auto",
+    ):
         members = list(members)
         if not members:
             raise ValueError("A pack needs at least one member; got an empty list.")
@@ -191,10 +205,23 @@ class FusionEngine:
             raise ValueError(
                 f"Member names must be unique; got {names}. Pass names=[...] to tell them apart."
             )
+        if alignment not in ("auto", "mined", "none"):
+            raise ValueError(f"alignment must be 'auto', 'mined' or 'none'; got {alignment!r}.")
         self.members = members
         self.mix_device = torch.device(mix_device) if mix_device is not None else members[0].device
-        self._check_shared_vocabulary()
-        self.vocab_size = min(m.vocab_size for m in members)
+        for m in members:
+            _check_model_fits_tokenizer(m)
+        mismatch = self._first_vocabulary_mismatch()
+        if mismatch is not None and alignment == "none":
+            a, b = mismatch
+            raise ValueError(
+                f"Members {a!r} and {b!r} have different vocabularies and alignment='none'; use "
+                "alignment='mined' to fuse them through token maps."
+            )
+        self.alignment = "mined" if alignment == "mined" or (alignment == "auto" and mismatch) else "none"
+        self._maps: dict[tuple[int, int], _TokenMap | None] = {}
+        self._ref = 0  # the reference member of the call in progress (always 0 without alignment)
+        self.vocab_size = min(m.vocab_size for m in members) if self.alignment == "none" else 0
         self._lock = threading.Lock()  # not an RLock: async streams resume on other threads
 
     # ------------------------------------------------------------------ set-up
@@ -205,30 +232,79 @@ class FusionEngine:
 
     @property
     def tokenizer(self):
-        """The tokenizer prompts are encoded with (members share it)."""
-        return self.members[0].tokenizer
+        """The tokenizer prompts are encoded with: the shared one, or the current reference member's."""
+        return self.members[self._ref].tokenizer
 
     @property
     def max_length(self) -> int | None:
         lengths = [m.max_length for m in self.members if m.max_length is not None]
         return min(lengths) if lengths else None
 
-    def _check_shared_vocabulary(self) -> None:
+    def _first_vocabulary_mismatch(self) -> tuple[str, str] | None:
         ref = self.members[0]
         ref_vocab = ref.tokenizer.get_vocab()
         for other in self.members[1:]:
             if other.tokenizer.get_vocab() != ref_vocab:
-                raise ValueError(
-                    f"Members {ref.name!r} and {other.name!r} have different vocabularies. This version fuses "
-                    "members that share one tokenizer; pick members of one model family."
-                )
-        too_big = max(ref_vocab.values(), default=-1)
+                return ref.name, other.name
+        return None
+
+    # ------------------------------------------------------------------ alignment
+
+    def _token_map(self, ref: int, k: int) -> _TokenMap | None:
+        """How member k reads and writes reference-``ref`` tokens; None when no mapping is needed."""
+        if self.alignment == "none":
+            return None
+        key = (ref, k)
+        if key not in self._maps:
+            if ref == k:
+                self._maps[key] = None
+            else:
+                from langchain_packllm.alignment import MinEDMap
+
+                mined = MinEDMap.from_tokenizers(self.members[ref].tokenizer, self.members[k].tokenizer)
+                dev = self.members[k].device
+                ids = torch.as_tensor(mined.ids, dtype=torch.long)
+                self._maps[key] = _TokenMap(ids.to(dev), ~torch.as_tensor(mined.exact).to(self.mix_device))
+        return self._maps[key]
+
+    def _use_reference(self, ref: int) -> None:
+        """Make member ``ref``'s tokenizer the reference of the call in progress (aligned packs only)."""
+        self._ref = ref
+        if self.alignment == "mined":
+            self.vocab_size = len(self.members[ref].tokenizer)
+
+    def prepare_alignment(self) -> None:
+        """Build (or load from the disk cache) every token map now rather than on first use."""
+        if self.alignment == "mined":
+            for ref in range(len(self.members)):
+                for k in range(len(self.members)):
+                    self._token_map(ref, k)
+
+    @torch.inference_mode()
+    def _bits_per_byte(self, text: str) -> list[float]:
+        """Each member's bits per byte on ``text``, scoring its own tokenization (comparable across
+        tokenizers, unlike per-token perplexity). NaN where the text has fewer than 2 tokens."""
+        out = []
         for m in self.members:
-            if m.vocab_size <= too_big:
-                raise ValueError(
-                    f"Member {m.name!r} has {m.vocab_size} output logits but its tokenizer has token id "
-                    f"{too_big}; the model and tokenizer do not match."
-                )
+            ids = list(m.tokenizer(text, add_special_tokens=True)["input_ids"])
+            first = m.tokenizer.decode(ids[:1], skip_special_tokens=True) if ids else ""
+            n_bytes = len(text.encode("utf-8")) - len(first.encode("utf-8"))
+            if len(ids) < 2 or n_bytes <= 0:
+                out.append(float("nan"))
+                continue
+            x = torch.tensor([ids], device=m.device)
+            logits = m.model(input_ids=x).logits[0, :-1, : len(m.tokenizer)].float()
+            nll = -torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).sum()
+            out.append(float(nll) / math.log(2) / n_bytes)
+        return out
+
+    def _reference_for(self, text: str) -> tuple[int, list[float] | None]:
+        """The reference member for a prompt: the one with the lowest bits per byte (0 without alignment)."""
+        if self.alignment == "none":
+            return 0, None
+        bpb = self._bits_per_byte(text)
+        finite = [(v, k) for k, v in enumerate(bpb) if math.isfinite(v)]
+        return (min(finite)[1] if finite else 0), bpb
 
     # ------------------------------------------------------------------ tokens
 
@@ -275,17 +351,26 @@ class FusionEngine:
     # ------------------------------------------------------------------ forward passes
 
     @torch.inference_mode()
-    def _forward(self, member: Member, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-        """One member's forward; returns log-probs ``(B, L, V)`` (at least float32) on the mix device."""
+    def _forward(self, k: int, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """Member k's forward on reference token ids; returns log-probs ``(B, L, V)`` over the reference
+        vocabulary (at least float32) on the mix device."""
+        member = self.members[k]
         dev = member.device
+        input_ids = input_ids.to(dev)
+        token_map = self._token_map(self._ref, k)
+        if token_map is not None:
+            input_ids = token_map.ids[input_ids]  # reference ids -> member ids (MinED)
         out = member.model(
-            input_ids=input_ids.to(dev),
+            input_ids=input_ids,
             attention_mask=attention_mask.to(dev),
             position_ids=position_ids.to(dev),
             past_key_values=cache,
             use_cache=cache is not None,
         )
-        logits = out.logits[..., : self.vocab_size]
+        if token_map is not None:
+            logits = out.logits.index_select(-1, token_map.ids)  # member logits -> reference vocabulary
+        else:
+            logits = out.logits[..., : self.vocab_size]
         dtype = torch.promote_types(logits.dtype, torch.float32)  # half precision mixes in float32
         logprobs = torch.log_softmax(logits.to(dtype), dim=-1).to(self.mix_device)
         if torch.isnan(logprobs).any():
@@ -315,9 +400,9 @@ class FusionEngine:
         input_ids, mask = self._pad(batch)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         caches, logprobs = [], []
-        for member in self.members:
+        for k, member in enumerate(self.members):
             cache = DynamicCache(config=member.model.config) if use_cache else None
-            logprobs.append(self._forward(member, input_ids, mask, positions, cache))
+            logprobs.append(self._forward(k, input_ids, mask, positions, cache))
             caches.append(cache)
         return logprobs, input_ids, mask, caches
 
@@ -373,6 +458,7 @@ class FusionEngine:
             w, report = self._solve(prompt_lp, targets, config, fallback)
             report.truncated = truncated
             report.prompt_tokens = len(ids)
+            self._note_alignment(report, input_ids[b, first:])
             rows_w.append(w)
             reports.append(report)
         weights = torch.stack(rows_w).to(self.mix_device, logprobs[0].dtype)  # (B, K)
@@ -380,12 +466,46 @@ class FusionEngine:
         last = [lp[:, -1] for lp in logprobs]  # K x (B, V)
         return _Prefill(caches, mask, positions, weights, last, reports, input_ids)
 
+    def _note_alignment(
+        self, report: FusionReport, ids: torch.Tensor, bpb: list[float] | None = None
+    ) -> None:
+        """Record, for aligned packs, the reference member and how many prompt tokens were mapped inexactly."""
+        if self.alignment == "none":
+            return
+        report.reference = self.names[self._ref]
+        approx = torch.zeros_like(ids, dtype=torch.bool)
+        for k in range(len(self.members)):
+            token_map = self._token_map(self._ref, k)
+            if token_map is not None:
+                approx |= token_map.approx[ids]
+        report.approx_tokens = int(approx.sum())
+        if bpb is not None:
+            report.bits_per_byte = dict(zip(self.names, bpb))
+
+    def _by_reference(self, prompts: Sequence[str]) -> dict[int, tuple[list[int], list]]:
+        """Prompts grouped by reference member: ``{ref: (prompt indices, their bits per byte)}``."""
+        groups: dict[int, tuple[list[int], list]] = {}
+        for i, prompt in enumerate(prompts):
+            ref, bpb = self._reference_for(prompt)
+            idx, bpbs = groups.setdefault(ref, ([], []))
+            idx.append(i)
+            bpbs.append(bpb)
+        return groups
+
     def report(self, prompt: str, weighting: WeightingConfig | None = None) -> FusionReport:
         """The weights and perplexities the pack would use for ``prompt`` (prefill only, no decoding)."""
         with self._lock:
-            return self._prefill(
-                [prompt], weighting or WeightingConfig(), reserve=0, use_cache=False
-            ).reports[0]
+            ref, bpb = self._reference_for(prompt)
+            self._use_reference(ref)
+            try:
+                report = self._prefill(
+                    [prompt], weighting or WeightingConfig(), reserve=0, use_cache=False
+                ).reports[0]
+            finally:
+                self._use_reference(0)
+            if bpb is not None:
+                report.bits_per_byte = dict(zip(self.names, bpb))
+            return report
 
     # ------------------------------------------------------------------ decoding
 
@@ -407,7 +527,10 @@ class FusionEngine:
         if sampling.max_new_tokens == 0:
             yield rows, state.reports
             return
-        eos = set().union(*(m.eos_token_ids for m in self.members))
+        if self.alignment == "none":
+            eos = set().union(*(m.eos_token_ids for m in self.members))
+        else:
+            eos = self.members[self._ref].eos_token_ids
         processors = sampling.processors()
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
@@ -429,8 +552,8 @@ class FusionEngine:
             sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             lps = [
-                self._forward(m, next_ids[:, None], mask, positions, cache)[:, -1]
-                for m, cache in zip(self.members, state.caches)
+                self._forward(k, next_ids[:, None], mask, positions, cache)[:, -1]
+                for k, cache in enumerate(state.caches)
             ]
             positions = positions + 1
 
@@ -471,9 +594,20 @@ class FusionEngine:
         if not prompts:
             return []
         weighting, sampling = weighting or WeightingConfig(), sampling or SamplingConfig()
+        outputs: list[FusionOutput | None] = [None] * len(prompts)
         with self._lock:
-            *_, (rows, reports) = self._decode(prompts, weighting, sampling)  # run to the last step
-        return [FusionOutput(r.text, list(r.ids), r.finish_reason, rep) for r, rep in zip(rows, reports)]
+            try:
+                for ref, (indices, bpbs) in self._by_reference(prompts).items():
+                    self._use_reference(ref)
+                    group = [prompts[i] for i in indices]
+                    *_, (rows, reports) = self._decode(group, weighting, sampling)  # run to the last step
+                    for i, r, rep, bpb in zip(indices, rows, reports, bpbs):
+                        if bpb is not None:
+                            rep.bits_per_byte = dict(zip(self.names, bpb))
+                        outputs[i] = FusionOutput(r.text, list(r.ids), r.finish_reason, rep)
+            finally:
+                self._use_reference(0)
+        return outputs
 
     def stream(
         self,
@@ -485,14 +619,21 @@ class FusionEngine:
         they concatenate to ``generate([prompt])[0].text``. The last chunk carries the full output."""
         weighting, sampling = weighting or WeightingConfig(), sampling or SamplingConfig()
         with self._lock:
-            for rows, reports in self._decode([prompt], weighting, sampling):  # noqa: B007
-                row = rows[0]
-                if row.done:
-                    break
-                safe = _safe_prefix_length(row.text, sampling.stop)
-                if safe > row.emitted:
-                    yield StreamChunk(row.text[row.emitted : safe])
-                    row.emitted = safe
+            ref, bpb = self._reference_for(prompt)
+            self._use_reference(ref)
+            try:
+                for rows, reports in self._decode([prompt], weighting, sampling):  # noqa: B007
+                    row = rows[0]
+                    if row.done:
+                        break
+                    safe = _safe_prefix_length(row.text, sampling.stop)
+                    if safe > row.emitted:
+                        yield StreamChunk(row.text[row.emitted : safe])
+                        row.emitted = safe
+            finally:
+                self._use_reference(0)
+        if bpb is not None:
+            reports[0].bits_per_byte = dict(zip(self.names, bpb))
         output = FusionOutput(row.text, list(row.ids), row.finish_reason, reports[0])
         yield StreamChunk(row.text[row.emitted :], output=output)
 
@@ -506,37 +647,62 @@ class FusionEngine:
         weighting = weighting or WeightingConfig()
         results = []
         with self._lock:
-            for context, continuation in requests:
-                ctx_ids = self.encode(context) or [self._start_token()]
-                n_ctx = len(ctx_ids)
-                whole = self.encode(context + continuation) if context else []
-                if whole[:n_ctx] != ctx_ids:  # empty context, or tokenisation merged across the boundary
-                    whole = ctx_ids + list(
-                        self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-                    )
-                if len(whole) == n_ctx:
-                    raise ValueError(
-                        f"Continuation {continuation!r} encodes to no tokens; it has no likelihood."
-                    )
-                limit = self.max_length
-                if limit is not None and len(whole) > limit:
-                    raise ValueError(
-                        f"Context plus continuation is {len(whole)} tokens, longer than the members' context "
-                        f"({limit}); shorten the context."
-                    )
-                (lp_list, input_ids, _, _) = self.member_logprobs([whole])
-                lp = torch.stack([x[0] for x in lp_list])  # (K, L, V)
-                ids = input_ids[0]
-                fallback = None if context else "empty context: uniform weights"
-                w, report = self._solve(lp[:, : n_ctx - 1], ids[1:n_ctx], weighting, fallback)
-                report.prompt_tokens = n_ctx
-                fused = torch.einsum("k,ktv->tv", w.to(lp), lp[:, n_ctx - 1 : -1])  # (C, V)
-                fused = torch.log_softmax(fused.double(), dim=-1)
-                cont = ids[n_ctx:]
-                logprob = float(fused.gather(-1, cont.view(-1, 1)).sum())
-                is_greedy = bool((fused.argmax(-1) == cont).all())
-                results.append(LoglikelihoodResult(logprob, is_greedy, report))
+            try:
+                for context, continuation in requests:
+                    ref, bpb = self._reference_for(context)
+                    self._use_reference(ref)
+                    results.append(self._loglikelihood_one(context, continuation, weighting, bpb))
+            finally:
+                self._use_reference(0)
         return results
+
+    def _loglikelihood_one(
+        self, context: str, continuation: str, weighting: WeightingConfig, bpb: list[float] | None
+    ) -> LoglikelihoodResult:
+        ctx_ids = self.encode(context) or [self._start_token()]
+        n_ctx = len(ctx_ids)
+        whole = self.encode(context + continuation) if context else []
+        if whole[:n_ctx] != ctx_ids:  # empty context, or tokenisation merged across the boundary
+            whole = ctx_ids + list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        if len(whole) == n_ctx:
+            raise ValueError(f"Continuation {continuation!r} encodes to no tokens; it has no likelihood.")
+        limit = self.max_length
+        if limit is not None and len(whole) > limit:
+            raise ValueError(
+                f"Context plus continuation is {len(whole)} tokens, longer than the members' context "
+                f"({limit}); shorten the context."
+            )
+        (lp_list, input_ids, _, _) = self.member_logprobs([whole])
+        lp = torch.stack([x[0] for x in lp_list])  # (K, L, V)
+        ids = input_ids[0]
+        fallback = None if context else "empty context: uniform weights"
+        w, report = self._solve(lp[:, : n_ctx - 1], ids[1:n_ctx], weighting, fallback)
+        report.prompt_tokens = n_ctx
+        self._note_alignment(report, ids[:n_ctx], bpb)
+        fused = torch.einsum("k,ktv->tv", w.to(lp), lp[:, n_ctx - 1 : -1])  # (C, V)
+        fused = torch.log_softmax(fused.double(), dim=-1)
+        cont = ids[n_ctx:]
+        logprob = float(fused.gather(-1, cont.view(-1, 1)).sum())
+        is_greedy = bool((fused.argmax(-1) == cont).all())
+        return LoglikelihoodResult(logprob, is_greedy, report)
+
+
+@dataclass
+class _TokenMap:
+    """A member's view of the reference vocabulary: ``ids[r]`` is its token for reference token r (MinED);
+    ``approx[r]`` says the match was not exact."""
+
+    ids: torch.Tensor  # (V_ref,) long, on the member's device
+    approx: torch.Tensor  # (V_ref,) bool, on the mix device
+
+
+def _check_model_fits_tokenizer(m: Member) -> None:
+    top = max(m.tokenizer.get_vocab().values(), default=-1)
+    if m.vocab_size <= top:
+        raise ValueError(
+            f"Member {m.name!r} has {m.vocab_size} output logits but its tokenizer has token id {top}; "
+            "the model and tokenizer do not match."
+        )
 
 
 def _safe_prefix_length(text: str, stop: tuple[str, ...]) -> int:

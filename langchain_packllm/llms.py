@@ -95,6 +95,7 @@ class PackLLM(LLM):
         model_kwargs: dict[str, Any] | None = None,
         tokenizer_kwargs: dict[str, Any] | None = None,
         names: Sequence[str] | None = None,
+        alignment: str = "auto",
         **fields: Any,
     ) -> PackLLM:
         """Load each member with ``AutoModelForCausalLM`` / ``AutoTokenizer`` from a hub id or local path.
@@ -120,7 +121,8 @@ class PackLLM(LLM):
             )
             for i, mid in enumerate(model_ids)
         ]
-        return cls(engine=FusionEngine(members), model_ids=model_ids, weighting=weighting, **fields)
+        engine = FusionEngine(members, alignment=alignment)
+        return cls(engine=engine, model_ids=model_ids, weighting=weighting, **fields)
 
     @classmethod
     def from_models(
@@ -128,6 +130,7 @@ class PackLLM(LLM):
         models: Sequence[PreTrainedModel],
         tokenizers: Sequence[PreTrainedTokenizerBase] | PreTrainedTokenizerBase,
         names: Sequence[str] | None = None,
+        alignment: str = "auto",
         **fields: Any,
     ) -> PackLLM:
         """Members the caller already loaded. One tokenizer may be given for all of them."""
@@ -148,7 +151,7 @@ class PackLLM(LLM):
         for m in models:
             m.eval()
         members = [Member(n, m, t) for n, m, t in zip(names, models, tokenizers)]
-        return cls(engine=FusionEngine(members), **fields)
+        return cls(engine=FusionEngine(members, alignment=alignment), **fields)
 
     # ------------------------------------------------------------------ LangChain plumbing
 
@@ -204,6 +207,8 @@ class PackLLM(LLM):
             "finish_reason": output.finish_reason,
             "fallback": report.fallback,
             "truncated": report.truncated,
+            "reference": report.reference,
+            "approx_tokens": report.approx_tokens,
         }
 
     def _call(self, prompt: str, stop: list[str] | None = None, run_manager=None, **kwargs: Any) -> str:

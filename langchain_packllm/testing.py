@@ -8,12 +8,13 @@ through ``AutoModelForCausalLM.from_pretrained(path)``.
 
 from __future__ import annotations
 
+import json
 import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -50,6 +51,29 @@ def train_bytelevel_tokenizer(text: str, vocab_size: int = 512) -> PreTrainedTok
     lines = text.splitlines(keepends=True)
     tok.train_from_iterator([lines[i : i + 200] for i in range(0, len(lines), 200)], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
+
+
+def train_metaspace_tokenizer(text: str, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A Llama/SentencePiece-style BPE tokenizer (``▁`` for spaces, byte fallback) trained on ``text``."""
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token=SPECIALS["unk_token"]))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size + 256,
+        special_tokens=list(SPECIALS.values()) + byte_tokens,
+        show_progress=False,
+    )
+    lines = text.splitlines(keepends=True)
+    tok.train_from_iterator([lines[i : i + 200] for i in range(0, len(lines), 200)], trainer=trainer)
+    # The trainer only keeps <0xNN> in the vocabulary as special tokens; make them ordinary entries (as in
+    # Llama) so that decode(skip_special_tokens=True) keeps the bytes.
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in set(byte_tokens)]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), **SPECIALS)
 
 
 ARCH_CONFIGS = {

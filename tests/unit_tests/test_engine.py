@@ -207,14 +207,3 @@ def test_errors_are_clear(tiny_paths, tmp_path) -> None:
         PackLLM.from_model_ids(tiny_paths, weighting="best")
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingConfig(max_new_tokens=-1)
-
-
-def test_different_vocabularies_are_refused(tiny_paths, tmp_path) -> None:
-    from langchain_packllm.testing import make_tiny_model, stdlib_text, train_bytelevel_tokenizer
-
-    other_tok = train_bytelevel_tokenizer(stdlib_text(100_000), vocab_size=300)
-    other = make_tiny_model("gpt2", other_tok)
-    other.save_pretrained(tmp_path / "other")
-    other_tok.save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="different vocabularies"):
-        PackLLM.from_model_ids([tiny_paths[0], str(tmp_path / "other")])

@@ -1,0 +1,149 @@
+"""Packs whose members have different tokenizers: MinED alignment in the engine (paper section 3.4),
+checked against a naive aligned decoder written plainly here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from langchain_packllm import FusionEngine, PackLLM, SamplingConfig, WeightingConfig
+from langchain_packllm.alignment import MinEDMap
+from langchain_packllm.members import load_member
+from langchain_packllm.testing import (
+    make_tiny_model,
+    stdlib_text,
+    train_metaspace_tokenizer,
+)
+
+
+@pytest.fixture(scope="module")
+def mixed_paths(tmp_path_factory, tiny_paths) -> list[str]:
+    """A byte-level BPE GPT-2 member (from the shared tiny pack) and a Metaspace BPE Llama member."""
+    root = tmp_path_factory.mktemp("mixed")
+    tok = train_metaspace_tokenizer(stdlib_text(200_000), vocab_size=300)
+    model = make_tiny_model("llama", tok, seed=5)
+    model.save_pretrained(root / "llama-sp")
+    tok.save_pretrained(root / "llama-sp")
+    return [tiny_paths[0], str(root / "llama-sp")]
+
+
+@pytest.fixture(scope="module")
+def mixed64(mixed_paths, tmp_path_factory, monkeypatch_module):
+    return [load_member(p, torch_dtype="float64", device="cpu") for p in mixed_paths]
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PACKLLM_HOME", str(tmp_path_factory.mktemp("packllm-home")))
+    yield mp
+    mp.undo()
+
+
+def plain_bits_per_byte(member, text: str) -> float:
+    ids = member.tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        lp = torch.log_softmax(member.model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), -1)
+    nll = -float(lp.gather(-1, torch.tensor(ids[1:])[:, None]).sum())
+    first = member.tokenizer.decode(ids[:1], skip_special_tokens=True)
+    return nll / math.log(2) / (len(text.encode()) - len(first.encode()))
+
+
+def naive_mined_greedy(members, ref: int, weights, prompt: str, n: int) -> list[int]:
+    """The paper's recipe, step by step: reference tokens, MinED-mapped inputs, logits gathered back onto
+    the reference vocabulary, log-softmax, weighted sum, argmax. No cache."""
+    ref_tok = members[ref].tokenizer
+    maps = {k: MinEDMap.from_tokenizers(ref_tok, m.tokenizer) for k, m in enumerate(members) if k != ref}
+    ids = list(ref_tok(prompt)["input_ids"])
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            fused = 0
+            for k, (w, m) in enumerate(zip(weights, members)):
+                inp = ids if k == ref else [int(maps[k].ids[i]) for i in ids]
+                logits = m.model(input_ids=torch.tensor([inp])).logits[0, -1].double()
+                cols = logits[: len(ref_tok)] if k == ref else logits[torch.as_tensor(maps[k].ids)]
+                fused = fused + w * torch.log_softmax(cols, -1)
+            nxt = int(torch.argmax(fused))
+            if nxt == ref_tok.eos_token_id:
+                break
+            out.append(nxt)
+            ids.append(nxt)
+    return out
+
+
+PROMPTS = ["def main(argv):\n    return", "import os\nimport sys\n", "The value of x is"]
+
+
+def test_mixed_pack_generates_with_reports(mixed64) -> None:
+    engine = FusionEngine(mixed64)
+    assert engine.alignment == "mined"
+    outs = engine.generate(PROMPTS, WeightingConfig("optimal"), SamplingConfig(max_new_tokens=8))
+    for prompt, out in zip(PROMPTS, outs):
+        rep = out.report
+        assert rep.reference in engine.names
+        assert sum(rep.weights.values()) == pytest.approx(1.0)
+        assert set(rep.bits_per_byte) == set(engine.names)
+        for name, member in zip(engine.names, mixed64):
+            assert rep.bits_per_byte[name] == pytest.approx(plain_bits_per_byte(member, prompt), rel=1e-6)
+        assert rep.reference == min(rep.bits_per_byte, key=rep.bits_per_byte.get)
+        assert 0 <= rep.approx_tokens <= rep.prompt_tokens
+        assert isinstance(out.text, str) and len(out.token_ids) > 0
+        ref_tok = mixed64[engine.names.index(rep.reference)].tokenizer
+        assert out.text == ref_tok.decode(
+            out.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+
+@pytest.mark.parametrize("ref", [0, 1])
+def test_mined_decode_equals_naive_recipe(mixed64, ref: int) -> None:
+    engine = FusionEngine(mixed64)
+    w = [0.6, 0.4]
+    for prompt in PROMPTS:
+        engine._use_reference(ref)
+        try:
+            *_, (rows, reports) = engine._decode(
+                [prompt], WeightingConfig(w), SamplingConfig(max_new_tokens=8)
+            )
+        finally:
+            engine._use_reference(0)
+        assert rows[0].ids == naive_mined_greedy(mixed64, ref, w, prompt, 8), (ref, prompt)
+
+
+def test_batch_of_mixed_references_keeps_prompt_order(mixed64) -> None:
+    engine = FusionEngine(mixed64)
+    batch = engine.generate(PROMPTS, WeightingConfig([0.5, 0.5]), SamplingConfig(max_new_tokens=6))
+    for prompt, out in zip(PROMPTS, batch):
+        alone = engine.generate([prompt], WeightingConfig([0.5, 0.5]), SamplingConfig(max_new_tokens=6))[0]
+        assert out.token_ids == alone.token_ids and out.report.reference == alone.report.reference
+        chunks = list(engine.stream(prompt, WeightingConfig([0.5, 0.5]), SamplingConfig(max_new_tokens=6)))
+        assert "".join(c.text for c in chunks) == alone.text
+
+
+def test_identical_tokenizers_through_alignment_equal_shared_path(tiny_paths) -> None:
+    members = [load_member(p, torch_dtype="float64", device="cpu") for p in tiny_paths]
+    shared = FusionEngine(members)
+    aligned = FusionEngine(members, alignment="mined")
+    assert shared.alignment == "none" and aligned.alignment == "mined"
+    for k in (1, 2):
+        token_map = aligned._token_map(0, k)
+        assert torch.equal(token_map.ids, torch.arange(len(members[0].tokenizer)))
+        assert not token_map.approx.any()
+    a = shared.generate(PROMPTS, WeightingConfig("optimal"), SamplingConfig(max_new_tokens=8))
+    b = aligned.generate(PROMPTS, WeightingConfig("optimal"), SamplingConfig(max_new_tokens=8))
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        assert list(x.report.weights.values()) == pytest.approx(list(y.report.weights.values()), abs=1e-9)
+        assert y.report.approx_tokens == 0
+
+
+def test_alignment_none_refuses_mixed_vocabularies(mixed_paths) -> None:
+    members = [load_member(p, device="cpu") for p in mixed_paths]
+    with pytest.raises(ValueError, match="different vocabularies"):
+        FusionEngine(members, alignment="none")
+    llm = PackLLM.from_model_ids(mixed_paths, device="cpu", max_new_tokens=4)
+    info = llm.generate(["import os"]).generations[0][0].generation_info
+    assert info["reference"] in llm.engine.names and "approx_tokens" in info
+    assert llm.loglikelihood("import os\nimport", " sys") < 0
