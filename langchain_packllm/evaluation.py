@@ -143,10 +143,16 @@ class EvalResult:
         self.nll[k][method][domain] += value
         self.count[k][method][domain] += n
 
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric in ("ppl", "bpb")
+
     def score(self, k: int, method: str, domain: str) -> float:
         total, n = self.nll[k][method][domain], self.count[k][method][domain]
         if self.metric == "ppl":
-            return math.exp(total / n)
+            return math.exp(total / n)  # total NLL (nats) over n tokens
+        if self.metric == "bpb":
+            return total / n / math.log(2)  # total NLL (nats) over n bytes
         return total / n
 
     def average(self, k: int, method: str) -> float:
@@ -164,7 +170,7 @@ class EvalResult:
         if domain is None:
             return sum(self._cell(k, method, d) for d in self.domains) / len(self.domains)
         if method == "best-single":
-            better = min if self.metric == "ppl" else max
+            better = min if self.lower_is_better else max
             return better(self.score(1, m, domain) for m in self.members if m in self.nll[1])
         if method in self.members and method not in self.nll.get(k, {}):
             return self.score(1, method, domain)
@@ -173,7 +179,7 @@ class EvalResult:
     def markdown(self) -> str:
         """A per-domain table for the full pack, then the scaling table over K."""
         n = len(self.members)
-        arrow = "lower is better" if self.metric == "ppl" else "higher is better"
+        arrow = "lower is better" if self.lower_is_better else "higher is better"
         lines = [f"**{self.task}: {self.metric} ({arrow}), all {n} experts**", ""]
         lines.append("| method | " + " | ".join(self.domains) + " | average |")
         lines.append("|---" * (len(self.domains) + 2) + "|")
@@ -210,9 +216,11 @@ class EvalResult:
 
     def _best(self, k: int, domain: str | None) -> float:
         vals = [self._cell(k, m, domain) for m in self.methods(k)]
-        return min(vals) if self.metric == "ppl" else max(vals)
+        return min(vals) if self.lower_is_better else max(vals)
 
     def _fmt(self, v: float) -> str:
+        if self.metric == "bpb":
+            return f"{v:.3f}"
         return f"{v:.2f}" if self.metric == "ppl" else f"{100 * v:.1f}"
 
     def to_dict(self) -> dict:
@@ -250,14 +258,14 @@ class EvalResult:
                         ys.append(sum(self.average(k, m) for m in singles) / len(singles))
                 elif method in self.nll[k]:
                     xs.append(k)
-                    ys.append(self.average(k, method) * (1 if self.metric == "ppl" else 100))
+                    ys.append(self.average(k, method) * (1 if self.lower_is_better else 100))
             if method == "single":
-                ys = [y * (1 if self.metric == "ppl" else 100) for y in ys]
+                ys = [y * (1 if self.lower_is_better else 100) for y in ys]
             if xs:
                 style = "-o" if method in ("optimal", "greedy") else "--."
                 ax.plot(xs, ys, style, label="single expert (mean)" if method == "single" else method)
         ax.set_xlabel("number of experts K")
-        ax.set_ylabel("perplexity" if self.metric == "ppl" else "accuracy (%)")
+        ax.set_ylabel({"ppl": "perplexity", "bpb": "bits per byte"}.get(self.metric, "accuracy (%)"))
         ax.set_xticks(ks)
         ax.set_title(f"{self.task}: fusion vs number of experts")
         ax.legend(fontsize=7)
@@ -341,6 +349,92 @@ def evaluate_lm(
                 result.weights[method][domain] = [v / used for v in result.weights[method][domain]]
     bar.close()
     return result
+
+
+def evaluate_lm_bytes(
+    engine: FusionEngine,
+    documents: Mapping[str, Sequence[str]],
+    *,
+    expert_texts: Mapping[str, Sequence[str]] | None = None,
+    methods: Sequence[str] = FUSION_METHODS,
+    ks: Sequence[int | None] = (1, None),
+    grid_step: float = 0.05,
+    min_tokens: int = 16,
+    progress: bool = True,
+) -> EvalResult:
+    """The language-modelling protocol for packs whose members have different tokenizers, in bits per byte.
+
+    Per-token perplexity is not comparable across tokenizers, so every row is scored in bits per byte of
+    the same text. The prompt/rest split is made once per document in characters (the paper's 32 tokens
+    or 20% rule, counted with the first member's tokenizer); each single expert scores the rest on its own
+    tokenization; each fusion reads the document with the reference tokenizer (the lowest bits per byte on
+    the prompt within the subset) and the others through the engine's alignment.
+    """
+    names = engine.names
+    router = TfidfRouter(expert_texts) if expert_texts is not None and "cbtm" in methods else None
+    methods = [m for m in methods if m != "cbtm" or router is not None]
+    groups = subsets(len(names), ks)
+    result = EvalResult("language modelling (mixed tokenizers)", "bpb", names, list(documents))
+    limit = engine.max_length or 512
+    first_tok = engine.members[0].tokenizer
+    bar = tqdm(total=sum(len(d) for d in documents.values()), desc="eval lm (bytes)", disable=not progress)
+    for domain, docs in documents.items():
+        used = 0
+        for text in docs:
+            bar.update(1)
+            enc = first_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            offsets = enc["offset_mapping"][: limit // 2]  # leave room: other tokenizers may need more tokens
+            n = len(offsets)
+            n_prompt = lm_prompt_length(n)
+            if n < min_tokens or n_prompt < 2:
+                continue
+            cut, end = offsets[n_prompt - 1][1], offsets[-1][1]
+            prompt_text, rest_text = text[:cut], text[cut:end]
+            n_bytes = len(rest_text.encode("utf-8"))
+            if n_bytes == 0:
+                continue
+            used += 1
+            bpb = engine._bits_per_byte(prompt_text)
+            by_ref: dict[int, tuple] = {}
+            for k, combos in groups.items():
+                for combo in combos:
+                    idx = list(combo)
+                    ref = min(idx, key=lambda i: bpb[i] if math.isfinite(bpb[i]) else math.inf)
+                    if ref not in by_ref:
+                        by_ref[ref] = _reference_logprobs(engine, ref, prompt_text, rest_text, limit)
+                    lp, targets, n_p = by_ref[ref]
+                    p_lp, p_y = lp[:, : n_p - 1], targets[: n_p - 1]
+                    r_lp, r_y = lp[:, n_p - 1 :], targets[n_p - 1 :]
+                    for method in methods if k > 1 else ["single"]:
+                        if method == "single":
+                            nll = -float(r_lp[idx[0]].gather(-1, r_y[:, None]).double().sum())
+                            result.add(1, names[idx[0]], domain, nll, n_bytes)
+                            continue
+                        w = solve_method(
+                            method, p_lp[idx], p_y, prompt_text=prompt_text,
+                            member_names=[names[i] for i in idx], router=router, grid_step=grid_step,
+                        )  # fmt: skip
+                        fused = fused_logprobs(w, r_lp[idx], method)
+                        nll = -float(fused.gather(-1, r_y[:, None]).double().sum())
+                        result.add(k, method, domain, nll / len(combos), n_bytes / len(combos))
+        result.docs[domain] = used
+    bar.close()
+    return result
+
+
+def _reference_logprobs(engine: FusionEngine, ref: int, prompt_text: str, rest_text: str, limit: int):
+    """All members' log-probs on the document read with member ``ref``'s tokenizer: ``(K, T, V_ref)``,
+    the targets ``(T,)`` and the prompt's token count. A member scoring its own tokenizer reads it exactly."""
+    tok = engine.members[ref].tokenizer
+    ids_p = list(tok(prompt_text, add_special_tokens=True)["input_ids"])
+    ids_r = list(tok(rest_text, add_special_tokens=False)["input_ids"])
+    ids = (ids_p + ids_r)[:limit]
+    engine._use_reference(ref)
+    try:
+        lp_list, input_ids, _, _ = engine.member_logprobs([ids])
+    finally:
+        engine._use_reference(0)
+    return torch.stack([x[0, :-1] for x in lp_list]), input_ids[0, 1:], len(ids_p)
 
 
 # ---------------------------------------------------------------------------------------------- MC task
@@ -449,7 +543,7 @@ def _eval(args) -> int:
     from langchain_packllm.pack import build_pack
 
     size = "tiny" if args.tiny else "default"
-    manifest = build_pack(size, "shared", cache_dir=args.cache_dir, install=args.install)
+    manifest = build_pack(size, args.variant, cache_dir=args.cache_dir, install=args.install)
     engine = FusionEngine(
         [
             load_member(p, name=n, device=args.device)
@@ -464,7 +558,9 @@ def _eval(args) -> int:
         ks=_parse_ks(args.ks),
         grid_step=args.grid_step,
     )
-    if args.task == "lm":
+    if args.task == "lm" and engine.alignment != "none":
+        result = evaluate_lm_bytes(engine, documents, **common)
+    elif args.task == "lm":
         result = evaluate_lm(engine, documents, **common)
     else:
         result = evaluate_mc(engine, documents, **common)
@@ -473,7 +569,7 @@ def _eval(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"{args.task}-{size}"
+        stem = out / f"{args.task}-{size}-{args.variant}"
         stem.with_suffix(".md").write_text(table + "\n")
         stem.with_suffix(".json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         result.plot(str(stem.with_suffix(".png")))
@@ -485,6 +581,7 @@ def add_eval_commands(sub) -> None:
     p = sub.add_parser("eval", help="evaluate every weighting strategy and baseline on the expert pack")
     p.add_argument("task", choices=["lm", "mc"], help="lm: perplexity (paper protocol); mc: multiple choice")
     p.add_argument("--tiny", action="store_true", help="use the tiny pack")
+    p.add_argument("--variant", default="shared", choices=["shared", "mixed"], help="mixed: own tokenizers")
     p.add_argument("--docs", type=int, default=40, help="held-out documents per domain")
     p.add_argument("--methods", default=",".join(FUSION_METHODS))
     p.add_argument("--ks", default="1,2,4,all", help="pack sizes, comma-separated ('all' = every expert)")

@@ -147,3 +147,31 @@ def test_alignment_none_refuses_mixed_vocabularies(mixed_paths) -> None:
     info = llm.generate(["import os"]).generations[0][0].generation_info
     assert info["reference"] in llm.engine.names and "approx_tokens" in info
     assert llm.loglikelihood("import os\nimport", " sys") < 0
+
+
+def test_byte_level_evaluation_of_a_mixed_pack(mixed_paths) -> None:
+    from langchain_packllm.evaluation import evaluate_lm_bytes
+
+    members = [load_member(p, name=f"m{i}", device="cpu") for i, p in enumerate(mixed_paths)]
+    engine = FusionEngine(members)
+    text = stdlib_text(20_000)[5_000:6_500]
+    result = evaluate_lm_bytes(engine, {"code": [text]}, methods=("uniform", "optimal"), progress=False)
+    assert result.metric == "bpb" and result.docs["code"] == 1
+    # a single member's row is its own tokenization of the rest, in bits per byte
+    offsets = members[0].tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+        "offset_mapping"
+    ]
+    offsets = offsets[: engine.max_length // 2]
+    n_p = min(32, int(0.2 * len(offsets)))
+    cut, end = offsets[n_p - 1][1], offsets[-1][1]
+    for k, m in enumerate(members):
+        ids_p = m.tokenizer(text[:cut])["input_ids"]
+        ids_r = m.tokenizer(text[cut:end], add_special_tokens=False)["input_ids"]
+        x = torch.tensor([ids_p + ids_r])
+        with torch.no_grad():
+            lp = torch.log_softmax(m.model(input_ids=x).logits[0, :-1].double(), -1)
+        nll = -float(lp[len(ids_p) - 1 :].gather(-1, x[0, len(ids_p) :, None]).sum())
+        expected = nll / math.log(2) / len(text[cut:end].encode())
+        assert result.score(1, f"m{k}", "code") == pytest.approx(expected, rel=1e-4)
+    assert math.isfinite(result.score(2, "optimal", "code"))
+    assert "best-single" in result.markdown()
