@@ -58,14 +58,30 @@ def ll_tokenizer(
         return ll_tok
 
 
+def strict_schema(schema: Any) -> Any:
+    """A copy of a JSON schema where objects that list ``properties`` allow no others (as OpenAI's strict
+    mode does): generated arguments then hold only the declared keys."""
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict_schema(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    if isinstance(schema.get("properties"), dict):  # property names are not schemas: keep them as they are
+        out["properties"] = {k: strict_schema(v) for k, v in schema["properties"].items()}
+    return out
+
+
 def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
-    """JSON schema of one call to one of ``tools`` (OpenAI tool dicts): ``{"name": ..., "arguments": {...}}``."""
+    """JSON schema of one call to one of ``tools`` (OpenAI tool dicts): ``{"name": ..., "arguments": {...}}``,
+    arguments restricted to the declared parameters."""
     if not tools:
         raise ValueError("A tool call needs at least one tool; got none.")
     calls = []
     for t in tools:
         fn = t["function"]
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        params = strict_schema(fn.get("parameters") or {"type": "object", "properties": {}})
         calls.append(
             {
                 "type": "object",
