@@ -2,6 +2,7 @@
 
 from importlib import metadata
 
+from langchain_packllm.chat_models import ChatPackLLM
 from langchain_packllm.engine import (
     FusionEngine,
     FusionOutput,
@@ -21,6 +22,7 @@ except metadata.PackageNotFoundError:  # running from a source tree that is not 
 del metadata
 
 __all__ = [
+    "ChatPackLLM",
     "FusionEngine",
     "FusionOutput",
     "FusionReport",

@@ -66,7 +66,13 @@ class WeightingConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Decoding settings. ``temperature == 0`` means greedy decoding."""
+    """Decoding settings. ``temperature == 0`` means greedy decoding.
+
+    ``logits_processors`` are extra transformers ``LogitsProcessor``s (``__call__(input_ids, scores) ->
+    scores``) applied to the fused scores after the repetition penalty and before temperature, top-k and
+    top-p (e.g. a grammar mask). ``input_ids`` is ``(B, L + t)``: the left-padded prompts (same width ``L``
+    for every row) followed by the ``t`` tokens generated so far.
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -75,9 +81,11 @@ class SamplingConfig:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logits_processors: tuple = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(s for s in (self.stop or ()) if s))
+        object.__setattr__(self, "logits_processors", tuple(self.logits_processors or ()))
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0; got {self.max_new_tokens}.")
         if self.temperature < 0:
@@ -93,6 +101,7 @@ class SamplingConfig:
         procs = LogitsProcessorList()
         if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        procs.extend(self.logits_processors)
         if self.temperature > 0:
             if self.temperature != 1.0:
                 procs.append(TemperatureLogitsWarper(self.temperature))

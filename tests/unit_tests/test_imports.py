@@ -1,6 +1,7 @@
 import langchain_packllm
 
 EXPECTED = [
+    "ChatPackLLM",
     "FusionEngine",
     "FusionOutput",
     "FusionReport",
