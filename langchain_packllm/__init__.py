@@ -1,0 +1,1 @@
+"""Pack of LLMs: test-time fusion of causal language models."""
