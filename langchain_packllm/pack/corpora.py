@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import base64
 import glob
 import gzip
 import json
@@ -163,7 +162,7 @@ def _strip_roff(src: str) -> str:
     """Last-resort rendering when neither mandoc nor groff is installed: drop requests, keep text."""
     out = []
     for line in src.splitlines():
-        if line.startswith((".\\\"", "'\\\"")):
+        if line.startswith(('.\\"', "'\\\"")):
             continue
         if line.startswith((".", "'")):
             macro, _, rest = line[1:].partition(" ")
@@ -181,7 +180,7 @@ def _strip_roff(src: str) -> str:
 def render_manpage(path: Path) -> str | None:
     """Plain text of one man page (None for ``.so`` redirects): mandoc, else groff, else roff stripped."""
     src = _read_roff(path)
-    body = [ln for ln in src.splitlines() if ln.strip() and not ln.startswith((".\\\"", "'\\\""))]
+    body = [ln for ln in src.splitlines() if ln.strip() and not ln.startswith(('.\\"', "'\\\""))]
     if not body or body[0].startswith(".so "):
         return None
     if shutil.which("mandoc"):
@@ -215,7 +214,9 @@ def _pydocs_root() -> Path:
         Path(p) for p in glob.glob("/usr/share/doc/python3*/html/_sources") if re.search(r"python3\.\d+", p)
     )
     if not roots:
-        raise CorpusUnavailableError("pydocs", ("python3-doc",), "/usr/share/doc/python3.*/html/_sources not found")
+        raise CorpusUnavailableError(
+            "pydocs", ("python3-doc",), "/usr/share/doc/python3.*/html/_sources not found"
+        )
     return max(roots, key=lambda p: [int(x) for x in re.findall(r"python3\.(\d+)", str(p))])  # newest
 
 
@@ -260,7 +261,9 @@ def load_fortunes(max_sources: int | None = None, seed: int = 0) -> list[str]:
         if p.is_file() and not p.is_symlink() and not p.suffix and p.name != "README"
     ]
     if not files:
-        raise CorpusUnavailableError("fortunes", ("fortunes",), f"no fortune files in {', '.join(FORTUNE_DIRS)}")
+        raise CorpusUnavailableError(
+            "fortunes", ("fortunes",), f"no fortune files in {', '.join(FORTUNE_DIRS)}"
+        )
     cookies = []
     for f in files:
         text = f.read_text(encoding="utf-8", errors="replace")
@@ -302,7 +305,9 @@ def install_packages(packages: Iterable[str]) -> None:
     if not shutil.which("apt-get"):
         raise RuntimeError(f"apt-get is not available here; install the packages {packages} by hand.")
     if hasattr(os, "geteuid") and os.geteuid() != 0:
-        raise PermissionError(f"Installing {packages} needs root: run `sudo {' '.join(cmd)}` and build again.")
+        raise PermissionError(
+            f"Installing {packages} needs root: run `sudo {' '.join(cmd)}` and build again."
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     logger.info("Running %s", " ".join(cmd))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -346,8 +351,13 @@ def _pack_paragraphs(text: str, max_chars: int) -> list[str]:
     return out
 
 
-def load_user_corpus(name: str, path_or_glob: str | os.PathLike, max_sources: int | None = None,
-                     seed: int = 0, max_chars: int = 4000) -> list[str]:
+def load_user_corpus(
+    name: str,
+    path_or_glob: str | os.PathLike,
+    max_sources: int | None = None,
+    seed: int = 0,
+    max_chars: int = 4000,
+) -> list[str]:
     """Documents of a user corpus: every text file under a path or matching a glob.
 
     One document per file; a file of more than ``BIG_FILE_CHARS`` characters is split on blank lines
@@ -362,7 +372,9 @@ def load_user_corpus(name: str, path_or_glob: str | os.PathLike, max_sources: in
         files = [Path(p) for p in glob.glob(pattern, recursive=True)]
     files = sorted(f for f in files if f.is_file())
     if not files:
-        raise FileNotFoundError(f"Corpus {name!r}: no files match {path_or_glob!r} (a file, directory or glob).")
+        raise FileNotFoundError(
+            f"Corpus {name!r}: no files match {path_or_glob!r} (a file, directory or glob)."
+        )
     docs: list[str] = []
     for f in files:
         try:
@@ -459,8 +471,9 @@ def split_corpus(
     heldout_idx: list[int] = [i for i, s in enumerate(clean) if len(s) >= min_heldout_chars][:n_heldout]
     if not heldout_idx:  # no long document: hold out the longest ones instead
         heldout_idx = sorted(range(len(clean)), key=lambda i: -len(clean[i]))[:n_heldout]
-        logger.warning("Domain %s has no document of >= %d chars; holding out the longest ones.",
-                       name, min_heldout_chars)
+        logger.warning(
+            "Domain %s has no document of >= %d chars; holding out the longest ones.", name, min_heldout_chars
+        )
     held = set(heldout_idx)
     heldout = [chunk_text(clean[i], heldout_max_chars)[0] for i in heldout_idx]
     train: list[str] = []

@@ -104,19 +104,29 @@ def train_tokenizer(
         if kind == "metaspace-bpe":
             tok = Tokenizer(models.BPE(unk_token=conv.unk, byte_fallback=True, fuse_unk=True))
             trainer = trainers.BpeTrainer(
-                vocab_size=vocab_size, min_frequency=2, special_tokens=specials + BYTE_TOKENS,
+                vocab_size=vocab_size,
+                min_frequency=2,
+                special_tokens=specials + BYTE_TOKENS,
                 show_progress=False,
             )
         else:
             tok = Tokenizer(models.Unigram())
             trainer = trainers.UnigramTrainer(
-                vocab_size=vocab_size, special_tokens=specials + BYTE_TOKENS, unk_token=conv.unk,
-                max_piece_length=12, show_progress=False,
+                vocab_size=vocab_size,
+                special_tokens=specials + BYTE_TOKENS,
+                unk_token=conv.unk,
+                max_piece_length=12,
+                show_progress=False,
             )
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="first")
         # Llama's decoder: '▁' -> ' ', bytes re-assembled, the prepended space stripped.
         tok.decoder = decoders.Sequence(
-            [decoders.Replace(METASPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+            [
+                decoders.Replace(METASPACE, " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(" ", 1, 0),
+            ]
         )
         tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
         tok = _demote_byte_tokens(tok, byte_fallback_unigram=(kind == "metaspace-unigram"))
@@ -171,6 +181,6 @@ def encode_documents(tokenizer: PreTrainedTokenizerFast, docs: Sequence[str]) ->
     followed by eos, so packed training streams look like ``[bos] doc eos [bos] doc eos ...``."""
     if not docs:
         return []
-    ids = tokenizer(list(docs), add_special_tokens=True)["input_ids"]
+    ids = tokenizer(list(docs), add_special_tokens=True, verbose=False)["input_ids"]
     eos = tokenizer.eos_token_id
     return [list(x) + [eos] for x in ids]
