@@ -112,7 +112,7 @@ PRESETS: dict[str, SizePreset] = {
         num_heads=2,
         num_kv_heads=1,
         shared_vocab_size=1024,
-        mixed_vocab_sizes=(1024, 768, 640, 896, 512),
+        mixed_vocab_sizes=(1024, 1280, 1152, 896, 768),
         batch_size=8,
         learning_rate=5e-3,
         max_steps=100,
@@ -178,7 +178,7 @@ def _build_config(
         else os.path.expanduser(p)
         for name, p in corpora_.items()
     }
-    return {
+    config = {
         "recipe_version": RECIPE_VERSION,
         "size": size,
         "variant": variant,
@@ -187,6 +187,7 @@ def _build_config(
         "seed": seed,
         "preset": {k: v for k, v in asdict(PRESETS[size]).items() if k != "threads"},
     }
+    return json.loads(json.dumps(config))  # as it reads back from manifest.json (tuples -> lists)
 
 
 def _pack_name(config: dict) -> str:

@@ -231,12 +231,13 @@ def load_pydocs(max_sources: int | None = None, seed: int = 0) -> list[str]:
 
 def _stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    # tests are not library code, and pydoc_data is the language reference stored as one big dict
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
     return [p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)]
 
 
 def load_pycode(max_sources: int | None = None, seed: int = 0) -> list[str]:
-    """The Python standard library's ``.py`` files (tests and site-packages excluded)."""
+    """The Python standard library's ``.py`` files (tests, site-packages and pydoc_data excluded)."""
     out = []
     for f in _take(_stdlib_files(), max_sources, seed, "pycode"):
         try:
