@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -126,7 +126,7 @@ PRESETS: dict[str, SizePreset] = {
     ),
 }
 
-# (architecture, tokenizer kind in a mixed pack, width multiplier) per built-in domain; user corpora cycle.
+# (architecture, tokenizer kind in a mixed pack) per built-in domain; user corpora cycle through USER_PLAN.
 DOMAIN_PLAN: dict[str, tuple[str, str]] = {
     "foldoc": ("gpt2", "bytelevel-bpe"),
     "manpages": ("llama", "metaspace-bpe"),
@@ -185,7 +185,8 @@ def _build_config(
         "domains": list(domains),
         "corpora": user,
         "seed": seed,
-        "preset": {k: v for k, v in asdict(PRESETS[size]).items() if k != "threads"},
+        # threads and the time budget are resources, not recipe: a pack built with others is reused
+        "preset": {k: v for k, v in asdict(PRESETS[size]).items() if k not in ("threads", "time_budget_s")},
     }
     return json.loads(json.dumps(config))  # as it reads back from manifest.json (tuples -> lists)
 
@@ -301,6 +302,7 @@ def build_pack(
     seed: int = 0,
     domains: Sequence[str] | None = None,
     threads: int | None = None,
+    time_budget_s: float | None = None,
 ) -> PackManifest:
     """Build (or reuse) a pack of small domain-expert causal LMs trained on real local text.
 
@@ -318,6 +320,9 @@ def build_pack(
         domains: built-in domains to include (default all five: ``corpora.DEFAULT_DOMAINS``).
         threads: torch threads while building (default: the size preset's, i.e. 1 for ``tiny``; for
             ``default``, leave ``torch.get_num_threads()`` as the caller set it).
+        time_budget_s: wall-clock training budget per expert (default: the preset's, 110 s for
+            ``default``, 20 s for ``tiny``); training stops at this or at the preset's step count,
+            whichever comes first. On a busy machine a larger budget buys the same number of steps.
 
     Returns:
         The `PackManifest` of the finished pack.
@@ -355,7 +360,10 @@ def build_pack(
             shutil.rmtree(root)
         root.mkdir(parents=True)
         with _torch_threads(threads if threads is not None else PRESETS[size].threads):
-            return _build(root, config, PRESETS[size], domain_names, user, install, seed)
+            preset = PRESETS[size]
+            if time_budget_s is not None:
+                preset = replace(preset, time_budget_s=float(time_budget_s))
+            return _build(root, config, preset, domain_names, user, install, seed)
 
 
 # ----------------------------------------------------------------------------------------------------

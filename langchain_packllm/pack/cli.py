@@ -16,6 +16,7 @@ from langchain_packllm.pack.builder import (
     load_pack,
     packllm_home,
     summary_table,
+    verify_pack,
 )
 from langchain_packllm.pack.corpora import BUILTIN_DOMAINS, parse_corpus_spec
 
@@ -66,11 +67,23 @@ def add_pack_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--install", action="store_true", help="apt-get install missing Debian corpora (needs root)"
     )
     build.add_argument("--threads", type=int, default=None, help="torch threads while training")
+    build.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="wall-clock training budget per expert (default: 110 for the default pack, 20 for --tiny)",
+    )
     build.set_defaults(func=_cmd_build)
 
     info = sub.add_parser("info", help="show a built pack: experts, domains, held-out perplexity matrix")
     common(info)
     info.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    info.add_argument(
+        "--verify",
+        action="store_true",
+        help="load every expert back through AutoModelForCausalLM and score it",
+    )
     info.set_defaults(func=_cmd_info)
     return pack
 
@@ -105,7 +118,13 @@ def _describe(manifest) -> str:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    manifest = build_pack(force=args.force, install=args.install, threads=args.threads, **_kwargs(args))
+    manifest = build_pack(
+        force=args.force,
+        install=args.install,
+        threads=args.threads,
+        time_budget_s=args.time_budget,
+        **_kwargs(args),
+    )
     print(_describe(manifest))
     print(f"done in {time.monotonic() - t0:.1f}s")
     return 0
@@ -120,4 +139,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"(looked in {default_pack_dir(**kw)})")
         return 1
     print(json.dumps(manifest.to_dict(), indent=2) if args.json else _describe(manifest))
+    if args.verify:
+        for name, cls in verify_pack(manifest).items():
+            print(f"verified {name}: AutoModelForCausalLM -> {cls}, AutoTokenizer ok")
     return 0

@@ -382,6 +382,10 @@ def test_cli_build_and_info(shared_pack, cache_dir, docs_glob, capsys):
     assert args.func(args) == 0  # reuses the fixture's pack
     out = capsys.readouterr().out
     assert "pycode" in out and "docs" in out and "GPTNeoXForCausalLM" in out
+    args = parser.parse_args(["pack", "info", "--verify", *common])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "verified pycode: AutoModelForCausalLM -> GPTNeoXForCausalLM" in out and "verified docs" in out
     args = parser.parse_args(["pack", "info", "--json", *common])
     assert args.func(args) == 0
     info = json.loads(capsys.readouterr().out)
