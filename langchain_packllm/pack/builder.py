@@ -88,21 +88,21 @@ PRESETS: dict[str, SizePreset] = {
     "default": SizePreset(
         "default",
         context_length=512,
-        hidden_size=160,
+        hidden_size=128,
         num_layers=4,
         num_heads=4,
         num_kv_heads=2,
-        shared_vocab_size=8192,
-        mixed_vocab_sizes=(8192, 6144, 5120, 8000, 4096),
-        batch_size=8,
+        shared_vocab_size=4096,  # the LM head is most of the compute at this width: keep it small
+        mixed_vocab_sizes=(4096, 3072, 2560, 4000, 2048),
+        batch_size=4,  # many small steps learn more than few large ones in a ~2-minute budget
         learning_rate=3e-3,
-        max_steps=320,
+        max_steps=600,
         time_budget_s=110.0,
         max_sources=None,
         n_heldout=100,
         max_train_chars=6_000_000,
         tokenizer_chars=1_500_000,
-        eval_docs=100,
+        eval_docs=50,
     ),
     "tiny": SizePreset(
         "tiny",

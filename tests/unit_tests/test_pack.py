@@ -334,6 +334,11 @@ def test_second_build_reuses_the_pack(shared_pack, cache_dir, docs_glob):
     mtime = weights.stat().st_mtime_ns
     again = build_pack("tiny", "shared", corpora={"docs": docs_glob}, cache_dir=cache_dir, domains=["pycode"])
     assert again == shared_pack
+    # threads and the time budget are resources, not part of the pack's identity
+    again = build_pack(
+        "tiny", "shared", {"docs": docs_glob}, cache_dir, domains=["pycode"], threads=2, time_budget_s=1
+    )
+    assert again == shared_pack
     assert weights.stat().st_mtime_ns == mtime
     assert load_pack("tiny", "shared", cache_dir, ["pycode"], {"docs": docs_glob}) == shared_pack
 
