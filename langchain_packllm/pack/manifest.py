@@ -171,6 +171,7 @@ class PackManifest:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a pack is meant to be shared
         os.replace(tmp, path)
         return path
 
