@@ -18,8 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from langchain_packllm.demo import add_demo_commands
     from langchain_packllm.evaluation import add_eval_commands
+    from langchain_packllm.pack.cli import add_pack_commands
 
     add_demo_commands(sub)
+    add_pack_commands(sub)
     add_eval_commands(sub)
     return parser
 

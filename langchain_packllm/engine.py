@@ -319,7 +319,11 @@ class FusionEngine:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt (with the tokenizer's special tokens, e.g. BOS)."""
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and ids[:2] == [bos, bos]:  # the text (e.g. a chat template) already had BOS
+            ids = ids[1:]
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
