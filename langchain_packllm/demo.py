@@ -75,6 +75,10 @@ def _demo(args: argparse.Namespace) -> int:
         names=manifest.expert_names,
         weighting=args.weighting,
         max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=0.95,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
         device=args.device,
     )
     print(
@@ -92,6 +96,9 @@ def add_demo_commands(sub) -> None:
     p.add_argument("--tiny", action="store_true", help="use the tiny pack (builds in seconds)")
     p.add_argument("--weighting", default="optimal", help="optimal|greedy|grid|sim|uniform|top1")
     p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--repetition-penalty", type=float, default=1.3)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device for the members (default: cuda if present)")
     p.add_argument(
         "--cache-dir", default=None, help="pack cache root (default $PACKLLM_HOME or ~/.cache/packllm)"
