@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -394,7 +395,7 @@ def bench_solve(cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]
                             continue
                     w = weights_lib.solve(name, lp, y, grid_step=cfg.grid_step)
                     seconds = _time_solver(
-                        lambda name=name: weights_lib.solve(name, lp, y, grid_step=cfg.grid_step),
+                        partial(weights_lib.solve, name, lp, y, grid_step=cfg.grid_step),
                         cfg.solve_repeats if name != "grid" else 1,
                     )
                     losses[name] = weights_lib.prompt_loss(w, lp, y)
@@ -476,15 +477,13 @@ def bench_memory(members: list[Member], cfg: BenchConfig, progress: Callable[[st
         ids, mask = engine._pad([engine.encode(prompt[0])])
         sampling = SamplingConfig(max_new_tokens=2)
 
-        def fused(engine=engine):
-            engine.generate(prompt, WeightingConfig("optimal"), sampling)
-
+        fused = partial(engine.generate, prompt, WeightingConfig("optimal"), sampling)
         fused()  # warm-up
         own = []
         for m in engine.members:
             member_prefill_seconds(m.model, ids, mask)
             own.append(
-                peak_memory(lambda m=m: member_prefill_seconds(m.model, ids, mask), engine.mix_device)[0]
+                peak_memory(partial(member_prefill_seconds, m.model, ids, mask), engine.mix_device)[0]
             )
         peak, method = peak_memory(fused, engine.mix_device)
         row = {
