@@ -106,7 +106,9 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     vocab.update({f"w{i}": i for i in range(3, vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def bench_model(arch: str, vocab_size: int, hidden: int, layers: int, max_length: int, seed: int):
@@ -482,9 +484,7 @@ def bench_memory(members: list[Member], cfg: BenchConfig, progress: Callable[[st
         own = []
         for m in engine.members:
             member_prefill_seconds(m.model, ids, mask)
-            own.append(
-                peak_memory(partial(member_prefill_seconds, m.model, ids, mask), engine.mix_device)[0]
-            )
+            own.append(peak_memory(partial(member_prefill_seconds, m.model, ids, mask), engine.mix_device)[0])
         peak, method = peak_memory(fused, engine.mix_device)
         row = {
             "K": K,

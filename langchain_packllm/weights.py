@@ -126,7 +126,11 @@ def greedy(logprobs: torch.Tensor, targets: torch.Tensor, step: float = 0.05) ->
 
 
 def _pair_losses(
-    lambdas: torch.Tensor, fused: torch.Tensor, nxt: torch.Tensor, fused_tgt: torch.Tensor, nxt_tgt: torch.Tensor
+    lambdas: torch.Tensor,
+    fused: torch.Tensor,
+    nxt: torch.Tensor,
+    fused_tgt: torch.Tensor,
+    nxt_tgt: torch.Tensor,
 ) -> torch.Tensor:
     """Eq. 6's loss of ``lambda * fused + (1 - lambda) * nxt`` for every ``lambda``: ``(n,)`` float64.
 
