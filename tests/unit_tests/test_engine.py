@@ -218,3 +218,52 @@ def test_different_vocabularies_are_refused(tiny_paths, tmp_path) -> None:
     other_tok.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="different vocabularies"):
         PackLLM.from_model_ids([tiny_paths[0], str(tmp_path / "other")])
+
+
+def test_concurrent_device_groups_match_sequential(members64) -> None:
+    """The multi-device path (one thread per device) forced on CPU gives the same tokens and weights."""
+    from langchain_packllm.engine import _device_groups
+
+    engine = FusionEngine(members64)
+    assert engine._pool is None and _device_groups(members64) == [[0, 1, 2]]  # CPU only: no threads
+    cfg = SamplingConfig(max_new_tokens=6)
+    plain = engine.generate(PROMPTS, WeightingConfig("optimal"), cfg)
+    threaded = FusionEngine(members64)
+    threaded._set_device_groups([[2], [0], [1]])
+    assert threaded._pool is not None
+    outs = threaded.generate(PROMPTS, WeightingConfig("optimal"), cfg)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    for a, b in zip(outs, plain):
+        assert list(a.report.weights.values()) == pytest.approx(list(b.report.weights.values()), abs=1e-12)
+    res = threaded.loglikelihood([("import os", "\nimport sys")])[0]
+    assert res.logprob == pytest.approx(engine.loglikelihood([("import os", "\nimport sys")])[0].logprob)
+
+
+def test_device_groups_put_accelerators_first() -> None:
+    from types import SimpleNamespace
+
+    from langchain_packllm.engine import _device_groups
+
+    fake = [SimpleNamespace(device=torch.device(d)) for d in ("cpu", "cuda:0", "cpu", "cuda:1", "cuda:0")]
+    assert _device_groups(fake) == [[1, 4], [3], [0, 2]]
+
+
+def test_prefill_keeps_one_buffer_of_raw_logits(members64) -> None:
+    """The solve reads raw logits from one (K, B, L, V) buffer: same weights as on log-probs, and the
+    per-prompt slices are views of it (no per-member copy)."""
+    engine = FusionEngine(members64)
+    batch = [engine.encode(p) for p in PROMPTS[:3]]
+    scores, input_ids, mask, _, last = engine._prefill_scores(batch, use_cache=False)
+    K, B, L, V = scores.shape
+    assert (K, B, L, V) == (3, 3, input_ids.shape[1], engine.vocab_size)
+    row = scores[:, 1, L - len(batch[1]) : L - 1]
+    assert row.reshape(K, -1).data_ptr() == row.data_ptr()  # flattening the row is a view, not a copy
+    lp = torch.log_softmax(row, -1)
+    y = input_ids[1, L - len(batch[1]) + 1 :]
+    for name in ("optimal", "greedy", "sim"):
+        assert W.solve(name, row, y).tolist() == pytest.approx(W.solve(name, lp, y).tolist(), abs=1e-9)
+    sol = W.solve_with_stats("optimal", row, y)
+    assert sol.perplexities.tolist() == pytest.approx(W.perplexities(lp, y).tolist(), rel=1e-9)
+    assert sol.loss == pytest.approx(W.prompt_loss(sol.weights, lp, y), abs=1e-9)
+    for k in range(K):
+        assert torch.allclose(last[k], torch.log_softmax(scores[k, :, -1], -1))
