@@ -221,8 +221,9 @@ def _loss_grad_hess(
         c = s.shape[1]
         flat = s.reshape(K, c * V)  # a view: positions and vocabulary are contiguous
         fused = (wd @ flat).view(c, V)  # (c, V)
-        lse = torch.logsumexp(fused, dim=-1)  # (c,)
-        p = torch.exp(fused.sub_(lse[:, None]))  # (c, V) fused distribution
+        p = torch.softmax(fused, dim=-1)  # (c, V) fused distribution, one fused kernel
+        top = fused.argmax(-1, keepdim=True)  # (c, 1) where p >= 1/V, so its log is accurate
+        lse = (fused.gather(-1, top) - p.gather(-1, top).log()).squeeze(-1)  # (c,)
         ps = s * p  # (K, c, V)
         mean_s = ps.sum(-1)  # (K, c)   E_p[s_k]
         second = ps.view(K, c * V) @ flat.T  # (K, K)  sum_c E_p[s_k s_l]
