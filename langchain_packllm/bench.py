@@ -368,14 +368,17 @@ def bench_solve(cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]
     forward_s: dict[tuple[int, int], float] = {}
     for V in cfg.solve_vocabs:
         model = bench_model("gpt2", V, cfg.hidden, cfg.layers, max(cfg.solve_lengths), cfg.seed)
+        model = model.to(cfg.device)
         for T in cfg.solve_lengths:
-            ids = torch.randint(3, V, (1, T))
+            ids = torch.randint(3, V, (1, T), device=cfg.device)
             with torch.inference_mode():
                 model(input_ids=ids)
                 times = []
                 for _ in range(max(2, cfg.solve_repeats)):
+                    _sync(cfg.device)
                     start = time.perf_counter()
                     model(input_ids=ids)
+                    _sync(cfg.device)
                     times.append(time.perf_counter() - start)
             forward_s[(T, V)] = _median(times)
         del model
@@ -389,6 +392,7 @@ def bench_solve(cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]
                         rows.append({**base, "solver": name, "skipped": f"skipped ({K}x{T}x{V} log-probs)"})
                     continue
                 lp, y = random_problem(K, T, V, cfg.seed + K)
+                lp, y = lp.to(cfg.device), y.to(cfg.device)
                 losses = {}
                 for name in ("optimal", "greedy", "grid"):
                     row = {**base, "solver": name}

@@ -4,6 +4,7 @@ re-run on the whole sequence at every step."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -12,10 +13,13 @@ from langchain_packllm import FusionEngine, PackLLM, SamplingConfig, WeightingCo
 from langchain_packllm import weights as W
 from langchain_packllm.members import load_member
 
+# PACKLLM_TEST_DEVICE=cuda runs these comparisons with the members on a GPU (benchmarks/gpu_bench.sh).
+DEVICE = os.environ.get("PACKLLM_TEST_DEVICE", "cpu")
+
 
 @pytest.fixture(scope="module")
 def members64(tiny_paths):
-    return [load_member(p, torch_dtype="float64", device="cpu") for p in tiny_paths]
+    return [load_member(p, torch_dtype="float64", device=DEVICE) for p in tiny_paths]
 
 
 def naive_greedy(members, weights, prompt: str, max_new_tokens: int) -> list[int]:
@@ -27,7 +31,7 @@ def naive_greedy(members, weights, prompt: str, max_new_tokens: int) -> list[int
         for _ in range(max_new_tokens):
             fused = 0
             for w, m in zip(weights, members):
-                logits = m.model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+                logits = m.model(input_ids=torch.tensor([ids], device=m.device)).logits[0, -1].double().cpu()
                 fused = fused + w * torch.log_softmax(logits, -1)
             nxt = int(torch.argmax(fused))
             if nxt in eos:
@@ -67,12 +71,12 @@ def test_batch_equals_single_prompts_with_solved_weights(members64) -> None:
 
 def plain_prompt_logprobs(members, prompt):
     tok = members[0].tokenizer
-    ids = torch.tensor([tok(prompt)["input_ids"]])
+    ids = torch.tensor([tok(prompt)["input_ids"]], device=members[0].device)
     with torch.no_grad():
         lp = torch.stack(
-            [torch.log_softmax(m.model(input_ids=ids).logits[0, :-1].double(), -1) for m in members]
+            [torch.log_softmax(m.model(input_ids=ids).logits[0, :-1].double(), -1).cpu() for m in members]
         )
-    return lp, ids[0, 1:]
+    return lp, ids[0, 1:].cpu()
 
 
 @pytest.mark.parametrize("weighting", ["optimal", "greedy", "grid", "sim", "uniform", "top1"])
