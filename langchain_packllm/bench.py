@@ -631,7 +631,7 @@ def format_results(results: BenchResults) -> str:
                     ("T", "T", "d"),
                     ("V", "V", "d"),
                     ("seconds", "seconds", ".4f"),
-                    ("K prefills (s)", "prefill_estimate_ms", ".0f"),
+                    ("K prefills ms", "prefill_estimate_ms", ".0f"),
                     ("fraction of K prefills", "fraction_of_prefill", ".3f"),
                     ("prompt loss", "loss", ".5f"),
                 ],

@@ -275,6 +275,7 @@ def _optimal(
         w[best] = 1.0
         f, g, H = _loss_grad_hess(w, scores, tgt)
     free = w > 0
+    resolution = 8 * torch.finfo(scores.dtype).eps * max(1.0, abs(f))  # rounding of a computed loss
     for _ in range(max_iter):
         idx = free.nonzero().flatten()
         n = idx.numel()
@@ -306,6 +307,8 @@ def _optimal(
         slope = float(g @ d)
         alpha, accepted, full = alpha_max, False, None
         for trial in range(40):
+            if trial > 0 and -alpha * slope < resolution:
+                break  # the decrease left is below the loss's rounding: no trial can show it
             cand = (w + alpha * d).clamp_min(0.0)
             cand /= cand.sum()
             if trial == 0:
