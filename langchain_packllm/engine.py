@@ -23,7 +23,8 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -230,8 +231,18 @@ class FusionEngine:
         self.alignment = "mined" if alignment == "mined" or (alignment == "auto" and mismatch) else "none"
         self._maps: dict[tuple[int, int], _TokenMap | None] = {}
         self._ref = 0  # the reference member of the call in progress (always 0 without alignment)
-        self.vocab_size = min(m.vocab_size for m in members) if self.alignment == "none" else 0
+        self.vocab_size = min(m.vocab_size for m in members)
+        self._use_reference(0)  # aligned packs: the reference vocabulary's size
         self._lock = threading.Lock()  # not an RLock: async streams resume on other threads
+        self._set_device_groups(_device_groups(members))
+
+    def _set_device_groups(self, groups: list[list[int]]) -> None:
+        """Members on different devices run their forwards concurrently, one thread per device, so a step
+        costs about the slowest device rather than the sum. One device (e.g. CPU only): in order, no thread."""
+        self._groups = groups
+        self._pool = (
+            ThreadPoolExecutor(len(groups), thread_name_prefix="packllm") if len(groups) > 1 else None
+        )
 
     # ------------------------------------------------------------------ set-up
 
@@ -364,15 +375,16 @@ class FusionEngine:
     # ------------------------------------------------------------------ forward passes
 
     @torch.inference_mode()
-    def _forward(self, k: int, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-        """Member k's forward on reference token ids; returns log-probs ``(B, L, V)`` over the reference
-        vocabulary (at least float32) on the mix device."""
+    def _logits(self, k: int, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """Member k's forward on reference token ids: its logits over the reference vocabulary ``(B, L, V)``,
+        on its own device and in its own dtype. Members of another vocabulary read and write through their
+        MinED token map."""
         member = self.members[k]
         dev = member.device
         input_ids = input_ids.to(dev)
         token_map = self._token_map(self._ref, k)
         if token_map is not None:
-            input_ids = token_map.ids[input_ids]  # reference ids -> member ids (MinED)
+            input_ids = token_map.ids[input_ids]  # reference ids -> member ids
         out = member.model(
             input_ids=input_ids,
             attention_mask=attention_mask.to(dev),
@@ -381,17 +393,57 @@ class FusionEngine:
             use_cache=cache is not None,
         )
         if token_map is not None:
-            logits = out.logits.index_select(-1, token_map.ids)  # member logits -> reference vocabulary
-        else:
-            logits = out.logits[..., : self.vocab_size]
-        dtype = torch.promote_types(logits.dtype, torch.float32)  # half precision mixes in float32
-        logprobs = torch.log_softmax(logits.to(dtype), dim=-1).to(self.mix_device)
-        if torch.isnan(logprobs).any():
+            return out.logits.index_select(-1, token_map.ids)  # member logits -> reference vocabulary
+        return out.logits[..., : self.vocab_size]
+
+    @staticmethod
+    def _last_logprobs(logits: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probs ``(B, V)`` of the last position, at least float32, on the logits' device."""
+        last = logits[:, -1]
+        return torch.log_softmax(last.to(torch.promote_types(last.dtype, torch.float32)), dim=-1)
+
+    def _run_members(self, fn: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
+        """``[fn(k) for k in members]``; with members on several devices, one thread per device."""
+        if self._pool is None:
+            return [fn(k) for k in range(len(self.members))]
+
+        def run_group(group: list[int]) -> list[torch.Tensor]:
+            with torch.inference_mode():
+                return [fn(k) for k in group]
+
+        out: list[torch.Tensor | None] = [None] * len(self.members)
+        futures = [(group, self._pool.submit(run_group, group)) for group in self._groups]
+        for group, future in futures:
+            for k, value in zip(group, future.result()):
+                out[k] = value
+        return out  # type: ignore[return-value]
+
+    def _to_mix(self, logprobs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Bring K next-token log-probs ``(B, V)`` to the mix device and refuse NaN, naming the member.
+
+        A NaN or +inf logit makes its whole log-softmax row NaN, so checking one column is enough.
+        """
+        logprobs = [lp.to(self.mix_device) for lp in logprobs]
+        if bool(torch.stack([lp[:, 0] for lp in logprobs]).isnan().any()):
+            bad = next(m for m, lp in zip(self.members, logprobs) if bool(lp[:, 0].isnan().any()))
             raise FloatingPointError(
-                f"Member {member.name!r} produced NaN logits; check its weights and dtype (float16 overflow "
+                f"Member {bad.name!r} produced NaN logits; check its weights and dtype (float16 overflow "
                 "is a common cause: try torch_dtype='bfloat16' or 'float32')."
             )
         return logprobs
+
+    def _step(self, next_ids, mask, positions, caches) -> list[torch.Tensor]:
+        """One cached decode step of every member: K next-token log-probs ``(B, V)`` on the mix device.
+
+        Each member's log-softmax runs on its own device; only ``(B, V)`` crosses to the mix device, after
+        every member's forward has been issued.
+        """
+
+        def one(k: int) -> torch.Tensor:
+            logits = self._logits(k, next_ids, mask, positions, caches[k])
+            return self._last_logprobs(logits)
+
+        return self._to_mix(self._run_members(one))
 
     def _pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad: ``(B, L)`` ids and attention mask on the mix device."""
@@ -410,21 +462,42 @@ class FusionEngine:
         Returns ``(logprobs, input_ids, attention_mask, caches)`` where ``logprobs`` is a list of K tensors
         ``(B, L, V)`` (float32, mix device), positions left-padded to ``L``.
         """
+        scores, input_ids, mask, caches, _ = self._prefill_scores(batch, use_cache=use_cache)
+        return [torch.log_softmax(s, dim=-1) for s in scores], input_ids, mask, caches
+
+    def _prefill_scores(self, batch: list[list[int]], *, use_cache: bool):
+        """One forward per member over the left-padded batch.
+
+        Returns ``(scores, input_ids, attention_mask, caches, last)``: ``scores`` is ``(K, B, L, V)`` raw
+        logits (at least float32) on the mix device, written member by member into one buffer so that no
+        member's logits are held twice; ``last`` is K next-token log-probs ``(B, V)``. The weight solve
+        works on raw logits (they give the same fused distribution as log-probs), so the prompt positions
+        are never log-softmaxed.
+        """
         input_ids, mask = self._pad(batch)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        caches, logprobs = [], []
-        for k, member in enumerate(self.members):
-            cache = DynamicCache(config=member.model.config) if use_cache else None
-            logprobs.append(self._forward(k, input_ids, mask, positions, cache))
-            caches.append(cache)
-        return logprobs, input_ids, mask, caches
+        dtype = torch.float32
+        for m in self.members:
+            dtype = torch.promote_types(dtype, m.model.dtype)
+        K, (B, L) = len(self.members), input_ids.shape
+        scores = torch.empty((K, B, L, self.vocab_size), dtype=dtype, device=self.mix_device)
+        caches = [DynamicCache(config=m.model.config) if use_cache else None for m in self.members]
+
+        def one(k: int) -> torch.Tensor:
+            logits = self._logits(k, input_ids, mask, positions, caches[k])
+            scores[k].copy_(logits)
+            return self._last_logprobs(logits)
+
+        last = self._to_mix(self._run_members(one))
+        return scores, input_ids, mask, caches, last
 
     # ------------------------------------------------------------------ weights
 
     def _solve(
         self, prompt_lp: torch.Tensor, targets: torch.Tensor, config: WeightingConfig, fallback: str | None
     ) -> tuple[torch.Tensor, FusionReport]:
-        """Weights and report for one prompt. ``prompt_lp`` is ``(K, T, V)``, ``targets`` ``(T,)``."""
+        """Weights and report for one prompt. ``prompt_lp`` is ``(K, T, V)`` log-probs or raw logits,
+        ``targets`` ``(T,)``."""
         K, T = prompt_lp.shape[0], prompt_lp.shape[1]
         names = self.names
         start = time.perf_counter()
@@ -437,11 +510,15 @@ class FusionEngine:
             ppl = torch.full((K,), float("nan"), dtype=torch.float64)
             fused_ppl = float("nan")
         else:
-            w = weights_lib.solve(
+            solution = weights_lib.solve_with_stats(
                 config.weighting, prompt_lp, targets, tau=config.tau, grid_step=config.grid_step
             )
-            ppl = weights_lib.perplexities(prompt_lp, targets).cpu()
-            fused_ppl = math.exp(weights_lib.prompt_loss(w, prompt_lp, targets))
+            w, ppl, fused_ppl = solution.weights, solution.perplexities, math.exp(solution.loss)
+            if bool(ppl.isnan().any()):
+                bad = names[int(ppl.isnan().nonzero()[0])]
+                raise FloatingPointError(
+                    f"Member {bad!r} produced NaN logits on the prompt; check its weights and dtype."
+                )
         seconds = time.perf_counter() - start
         order = [names[i] for i in torch.argsort(ppl, stable=True).tolist()] if T else list(names)
         report = FusionReport(
@@ -461,22 +538,22 @@ class FusionEngine:
     ) -> _Prefill:
         fitted = [self._fit(self.encode(p), reserve) for p in prompts]
         batch = [ids for ids, _, _ in fitted]
-        logprobs, input_ids, mask, caches = self.member_logprobs(batch, use_cache=use_cache)
+        scores, input_ids, mask, caches, last = self._prefill_scores(batch, use_cache=use_cache)
         L = input_ids.shape[1]
         rows_w, reports = [], []
         for b, (ids, truncated, fallback) in enumerate(fitted):
             first = L - len(ids)
-            prompt_lp = torch.stack([lp[b, first : L - 1] for lp in logprobs])  # (K, n-1, V)
+            prompt_scores = scores[:, b, first : L - 1]  # (K, n-1, V), a view
             targets = input_ids[b, first + 1 :]  # (n-1,)
-            w, report = self._solve(prompt_lp, targets, config, fallback)
+            w, report = self._solve(prompt_scores, targets, config, fallback)
             report.truncated = truncated
             report.prompt_tokens = len(ids)
             self._note_alignment(report, input_ids[b, first:])
             rows_w.append(w)
             reports.append(report)
-        weights = torch.stack(rows_w).to(self.mix_device, logprobs[0].dtype)  # (B, K)
+        del scores  # decoding needs only the caches and the last log-probs
+        weights = torch.stack(rows_w).to(self.mix_device, last[0].dtype)  # (B, K)
         positions = mask.sum(-1, keepdim=True)  # (B, 1)
-        last = [lp[:, -1] for lp in logprobs]  # K x (B, V)
         return _Prefill(caches, mask, positions, weights, last, reports, input_ids)
 
     def _note_alignment(
@@ -531,9 +608,17 @@ class FusionEngine:
         return fused
 
     def _decode(
-        self, prompts: Sequence[str], weighting: WeightingConfig, sampling: SamplingConfig
+        self,
+        prompts: Sequence[str],
+        weighting: WeightingConfig,
+        sampling: SamplingConfig,
+        track_text: bool = True,
     ) -> Iterator[tuple[list[_Row], list[FusionReport]]]:
-        """Generator over decode steps: yields the rows' state after the prefill and after every step."""
+        """Generator over decode steps: yields the rows' state after the prefill and after every step.
+
+        ``track_text=False`` (with no stop sequences) leaves ``row.text`` empty: the caller decodes once.
+        """
+        track_text = track_text or bool(sampling.stop)
         state = self._prefill(prompts, weighting, reserve=sampling.max_new_tokens)
         limit = self.max_length
         rows = [_Row(budget=None if limit is None else limit - r.prompt_tokens) for r in state.reports]
@@ -555,7 +640,7 @@ class FusionEngine:
             next_ids = self._choose(processors, sequences, state.weights, lps, sampling, generator)  # (B,)
             for row, tok in zip(rows, next_ids.tolist()):
                 if not row.done:
-                    self._advance(row, tok, eos, sampling.stop)
+                    self._advance(row, tok, eos, sampling.stop, track_text)
             yield (
                 rows,
                 state.reports,
@@ -564,10 +649,7 @@ class FusionEngine:
                 return
             sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            lps = [
-                self._forward(k, next_ids[:, None], mask, positions, cache)[:, -1]
-                for k, cache in enumerate(state.caches)
-            ]
+            lps = self._step(next_ids[:, None], mask, positions, state.caches)
             positions = positions + 1
 
     @torch.inference_mode()
@@ -581,13 +663,17 @@ class FusionEngine:
             return torch.multinomial(probs, 1, generator=generator).squeeze(1)
         return torch.argmax(scores, dim=-1)
 
-    def _advance(self, row: _Row, token: int, eos: set[int], stop: tuple[str, ...]) -> None:
+    def _advance(
+        self, row: _Row, token: int, eos: set[int], stop: tuple[str, ...], track_text: bool = True
+    ) -> None:
         if token in eos:
             row.done, row.finish_reason = True, "stop"
             return
         row.ids.append(token)
         if row.budget is not None and len(row.ids) >= row.budget:
             row.done = True  # the context is full: finish_reason stays "length"
+        if not track_text:
+            return
         row.text = self.decode(row.ids)
         cut = min((i for i in (row.text.find(s) for s in stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -613,11 +699,13 @@ class FusionEngine:
                 for ref, (indices, bpbs) in self._by_reference(prompts).items():
                     self._use_reference(ref)
                     group = [prompts[i] for i in indices]
-                    *_, (rows, reports) = self._decode(group, weighting, sampling)  # run to the last step
+                    # run to the last step; text is decoded once at the end unless stop sequences need it
+                    *_, (rows, reports) = self._decode(group, weighting, sampling, track_text=False)
                     for i, r, rep, bpb in zip(indices, rows, reports, bpbs):
                         if bpb is not None:
                             rep.bits_per_byte = dict(zip(self.names, bpb))
-                        outputs[i] = FusionOutput(r.text, list(r.ids), r.finish_reason, rep)
+                        text = r.text if sampling.stop else self.decode(r.ids)
+                        outputs[i] = FusionOutput(text, list(r.ids), r.finish_reason, rep)
             finally:
                 self._use_reference(0)
         return outputs
@@ -685,8 +773,8 @@ class FusionEngine:
                 f"Context plus continuation is {len(whole)} tokens, longer than the members' context "
                 f"({limit}); shorten the context."
             )
-        (lp_list, input_ids, _, _) = self.member_logprobs([whole])
-        lp = torch.stack([x[0] for x in lp_list])  # (K, L, V)
+        scores, input_ids, _, _, _ = self._prefill_scores([whole], use_cache=False)
+        lp = scores[:, 0]  # (K, L, V) raw logits: the fused log-softmax below normalises
         ids = input_ids[0]
         fallback = None if context else "empty context: uniform weights"
         w, report = self._solve(lp[:, : n_ctx - 1], ids[1:n_ctx], weighting, fallback)
@@ -716,6 +804,14 @@ def _check_model_fits_tokenizer(m: Member) -> None:
             f"Member {m.name!r} has {m.vocab_size} output logits but its tokenizer has token id {top}; "
             "the model and tokenizer do not match."
         )
+
+
+def _device_groups(members: Sequence[Member]) -> list[list[int]]:
+    """Member indices grouped by device, accelerators first (their work queues while the CPU computes)."""
+    groups: dict[torch.device, list[int]] = {}
+    for k, m in enumerate(members):
+        groups.setdefault(m.device, []).append(k)
+    return sorted(groups.values(), key=lambda g: members[g[0]].device.type == "cpu")
 
 
 def _safe_prefix_length(text: str, stop: tuple[str, ...]) -> int:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -43,15 +44,27 @@ STRATEGIES = ("optimal", "greedy", "grid", "sim", "uniform", "top1")
 _BLOCK_ELEMENTS = 1 << 25
 
 
+def target_scores(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each member's score (log-prob or raw logit) of the true next token: ``(K, T, V), (T,) -> (K, T)``."""
+    index = targets.to(scores.device).view(1, -1, 1).expand(scores.shape[0], -1, 1)
+    return scores.gather(-1, index).squeeze(-1)
+
+
 def target_logprobs(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Each member's log-probability of the true next token: ``(K, T, V), (T,) -> (K, T)``."""
-    index = targets.to(logprobs.device).view(1, -1, 1).expand(logprobs.shape[0], -1, 1)
-    return logprobs.gather(-1, index).squeeze(-1)
+    """Each member's log-probability of the true next token: ``(K, T, V), (T,) -> (K, T)``.
+
+    The scores are normalised here (``s - logsumexp_v s``), so raw logits give the same answer.
+    """
+    return target_scores(logprobs, targets) - torch.logsumexp(logprobs, dim=-1)
 
 
 def perplexities(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Eq. 2 for every member: ``exp(-mean_i log p_k(x_i | x_<i))``, shape ``(K,)``."""
-    return torch.exp(-target_logprobs(logprobs, targets).double().mean(-1))
+    return _perplexities(target_logprobs(logprobs, targets))
+
+
+def _perplexities(tgt_lp: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-tgt_lp.double().mean(-1)).cpu()
 
 
 def prompt_losses(candidates: torch.Tensor, logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -61,8 +74,8 @@ def prompt_losses(candidates: torch.Tensor, logprobs: torch.Tensor, targets: tor
     exceeds a fixed number of elements, whatever ``G``.
     """
     K, T, V = logprobs.shape
-    flat = logprobs.reshape(K, T * V)  # (K, T*V)
-    tgt = target_logprobs(logprobs, targets)  # (K, T)
+    flat = logprobs.reshape(K, T * V)  # (K, T*V), a view when positions and vocabulary are contiguous
+    tgt = target_scores(logprobs, targets)  # (K, T)
     candidates = candidates.to(device=logprobs.device, dtype=logprobs.dtype)
     block = max(1, _BLOCK_ELEMENTS // max(1, T * V))
     out = []
@@ -109,23 +122,57 @@ def greedy(logprobs: torch.Tensor, targets: torch.Tensor, step: float = 0.05) ->
     minimises the prompt loss (Eq. 6), the running scores are updated (Eq. 7) and so are the weights.
     Ties go to the smallest ``lambda``, as ``argmin`` takes the first minimum.
     """
+    return _greedy(logprobs, targets, step, perplexities(logprobs, targets))[0]
+
+
+def _pair_losses(
+    lambdas: torch.Tensor,
+    fused: torch.Tensor,
+    nxt: torch.Tensor,
+    fused_tgt: torch.Tensor,
+    nxt_tgt: torch.Tensor,
+) -> torch.Tensor:
+    """Eq. 6's loss of ``lambda * fused + (1 - lambda) * nxt`` for every ``lambda``: ``(n,)`` float64.
+
+    ``fused``, ``nxt`` are ``(T, V)``; the candidates are built in blocks as ``nxt + lambda (fused - nxt)``.
+    """
+    T, V = fused.shape
+    diff = fused - nxt  # (T, V)
+    lam = lambdas.to(device=fused.device, dtype=fused.dtype)
+    tgt = nxt_tgt + lam[:, None] * (fused_tgt - nxt_tgt)  # (n, T)
+    block = max(1, _BLOCK_ELEMENTS // max(1, T * V))
+    out = []
+    for start in range(0, lam.numel(), block):
+        cand = torch.addcmul(nxt, lam[start : start + block].view(-1, 1, 1), diff)  # (g, T, V)
+        out.append((torch.logsumexp(cand, dim=-1) - tgt[start : start + block]).double().mean(-1))
+    return torch.cat(out).cpu()
+
+
+def _greedy(
+    scores: torch.Tensor, targets: torch.Tensor, step: float, ppl: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Algorithm 1 given the members' perplexities; returns the weights and their prompt loss."""
     n = _grid_divisions(step)
-    K = logprobs.shape[0]
-    order = torch.argsort(perplexities(logprobs, targets), stable=True).tolist()  # Eq. 5
+    K = scores.shape[0]
+    order = torch.argsort(ppl, stable=True).tolist()  # Eq. 5
     lambdas = torch.arange(n + 1, dtype=torch.float64) / n  # (n+1,)
-    pair = torch.stack([lambdas, 1.0 - lambdas], dim=1)  # (n+1, 2)
-    fused = logprobs[order[0]]  # (T, V)  s^(1)
+    tgt = target_scores(scores, targets)  # (K, T)
+    fused, fused_tgt = scores[order[0]], tgt[order[0]]  # (T, V), (T,)  s^(1)
+    loss = math.log(float(ppl[order[0]]))
     sorted_w = torch.zeros(K, dtype=torch.float64)
     sorted_w[0] = 1.0
     for k in range(1, K):
-        both = torch.stack([fused, logprobs[order[k]]])  # (2, T, V)
-        lam = float(lambdas[int(torch.argmin(prompt_losses(pair, both, targets)))])
-        fused = lam * fused + (1.0 - lam) * logprobs[order[k]]  # Eq. 7
+        nxt, nxt_tgt = scores[order[k]], tgt[order[k]]
+        losses = _pair_losses(lambdas, fused, nxt, fused_tgt, nxt_tgt)  # Eq. 6
+        j = int(torch.argmin(losses))
+        lam, loss = float(lambdas[j]), float(losses[j])
+        fused = lam * fused + (1.0 - lam) * nxt  # Eq. 7
+        fused_tgt = lam * fused_tgt + (1.0 - lam) * nxt_tgt
         sorted_w[:k] *= lam
         sorted_w[k] = 1.0 - lam
     w = torch.zeros(K, dtype=torch.float64)
     w[order] = sorted_w
-    return w
+    return w, loss
 
 
 def simplex_grid(num_members: int, step: float = 0.05) -> torch.Tensor:
@@ -144,18 +191,24 @@ def simplex_grid(num_members: int, step: float = 0.05) -> torch.Tensor:
 
 def grid(logprobs: torch.Tensor, targets: torch.Tensor, step: float = 0.05) -> torch.Tensor:
     """Exhaustive grid search over the simplex; the first of equal minima wins."""
-    points = simplex_grid(logprobs.shape[0], step)
-    losses = prompt_losses(points, logprobs, targets)
-    return points[int(torch.argmin(losses))]
+    return _grid(logprobs, targets, step)[0]
+
+
+def _grid(scores: torch.Tensor, targets: torch.Tensor, step: float) -> tuple[torch.Tensor, float]:
+    points = simplex_grid(scores.shape[0], step)
+    losses = prompt_losses(points, scores, targets)
+    best = int(torch.argmin(losses))
+    return points[best], float(losses[best])
 
 
 def _loss_grad_hess(
     w: torch.Tensor, logprobs: torch.Tensor, tgt: torch.Tensor
 ) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Objective, gradient ``(K,)`` and Hessian ``(K, K)`` of Eq. 3 at ``w``.
+    """Objective, gradient ``(K,)`` and Hessian ``(K, K)`` of Eq. 3 at ``w``; ``tgt`` is ``(K, T)``.
 
     With ``p_i`` the fused distribution at position i: ``grad_k = mean_i (E_p[s_k] - s_k,x_i)`` and
-    ``H_kl = mean_i Cov_p(s_k, s_l)``. Positions are processed in chunks to bound memory.
+    ``H_kl = mean_i Cov_p(s_k, s_l)``. One pass over the scores, in chunks of positions to bound memory;
+    the second moments are one matrix product ``(K, c*V) @ (c*V, K)`` per chunk.
     """
     K, T, V = logprobs.shape
     wd = w.to(device=logprobs.device, dtype=logprobs.dtype)
@@ -165,14 +218,19 @@ def _loss_grad_hess(
     hess = torch.zeros(K, K, dtype=torch.float64, device=logprobs.device)
     for start in range(0, T, chunk):
         s = logprobs[:, start : start + chunk]  # (K, c, V)
-        fused = torch.einsum("k,kcv->cv", wd, s)  # (c, V)
-        lse = torch.logsumexp(fused, dim=-1)  # (c,)
-        p = torch.exp(fused - lse[:, None])  # (c, V)
-        mean_s = torch.einsum("cv,kcv->kc", p, s)  # (K, c)   E_p[s_k]
-        sp = s * p.sqrt()  # (K, c, V)
-        second = torch.einsum("kcv,lcv->kl", sp, sp)  # (K, K)  sum_c E_p[s_k s_l]
-        loss += float((lse - wd @ tgt[:, start : start + chunk]).double().sum())
-        grad += (mean_s - tgt[:, start : start + chunk]).double().sum(-1)
+        c = s.shape[1]
+        flat = s.reshape(K, c * V)  # a view: positions and vocabulary are contiguous
+        fused = (wd @ flat).view(c, V)  # (c, V)
+        p = torch.softmax(fused, dim=-1)  # (c, V) fused distribution, one fused kernel
+        top = fused.argmax(-1, keepdim=True)  # (c, 1) where p >= 1/V, so its log is accurate
+        lse = (fused.gather(-1, top) - p.gather(-1, top).log()).squeeze(-1)  # (c,)
+        ps = s * p  # (K, c, V)
+        mean_s = ps.sum(-1)  # (K, c)   E_p[s_k]
+        second = ps.view(K, c * V) @ flat.T  # (K, K)  sum_c E_p[s_k s_l]
+        del ps
+        t = tgt[:, start : start + chunk]
+        loss += float((lse - wd @ t).double().sum())
+        grad += (mean_s - t).double().sum(-1)
         hess += second.double() - mean_s.double() @ mean_s.double().T
     return loss / T, (grad / T).cpu(), (hess / T).cpu()
 
@@ -192,15 +250,32 @@ def optimal(
     (Armijo backtracking); a member leaves the free set when its weight reaches 0 and joins it when its
     reduced gradient is negative at a point that is optimal on the current face.
     """
-    K = logprobs.shape[0]
+    ppl = perplexities(logprobs, targets)
+    return _optimal(logprobs, targets, ppl, max_iter=max_iter, tol=tol)[0]
+
+
+def _optimal(
+    scores: torch.Tensor, targets: torch.Tensor, ppl: torch.Tensor, *, max_iter: int = 100, tol: float = 1e-10
+) -> tuple[torch.Tensor, float]:
+    """:func:`optimal` given the members' perplexities; returns the weights and their prompt loss.
+
+    It starts from the better of the uniform point and the best vertex (a vertex's loss is its member's
+    log-perplexity, known for free). Every accepted point costs one pass over the scores, which gives the
+    loss, gradient and Hessian together; backtracking trials cost a loss-only pass.
+    """
+    K = scores.shape[0]
     if K == 1:
-        return torch.ones(1, dtype=torch.float64)
-    tgt = target_logprobs(logprobs, targets)  # (K, T)
-    starts = torch.cat([torch.eye(K, dtype=torch.float64), uniform(K).view(1, K)])
-    start_losses = prompt_losses(starts, logprobs, targets)
-    w = starts[int(torch.argmin(start_losses))].clone()
+        return torch.ones(1, dtype=torch.float64), math.log(float(ppl[0]))
+    tgt = target_scores(scores, targets)  # (K, T)
+    w = uniform(K)
+    f, g, H = _loss_grad_hess(w, scores, tgt)
+    best = int(torch.argmin(ppl))
+    if math.log(float(ppl[best])) < f:
+        w = torch.zeros(K, dtype=torch.float64)
+        w[best] = 1.0
+        f, g, H = _loss_grad_hess(w, scores, tgt)
     free = w > 0
-    f, g, H = _loss_grad_hess(w, logprobs, tgt)
+    resolution = 8 * torch.finfo(scores.dtype).eps * max(1.0, abs(f))  # rounding of a computed loss
     for _ in range(max_iter):
         idx = free.nonzero().flatten()
         n = idx.numel()
@@ -230,11 +305,17 @@ def optimal(
         if bool(shrinking.any()):
             alpha_max = min(1.0, float((w[shrinking] / -d[shrinking]).min()))
         slope = float(g @ d)
-        alpha, accepted = alpha_max, False
-        for _ in range(40):
+        alpha, accepted, full = alpha_max, False, None
+        for trial in range(40):
+            if trial > 0 and -alpha * slope < resolution:
+                break  # the decrease left is below the loss's rounding: no trial can show it
             cand = (w + alpha * d).clamp_min(0.0)
             cand /= cand.sum()
-            f_new = prompt_loss(cand, logprobs, targets)
+            if trial == 0:
+                full = _loss_grad_hess(cand, scores, tgt)
+                f_new = full[0]
+            else:
+                f_new = prompt_loss(cand, scores, targets)
             if f_new <= f + 1e-4 * alpha * slope or f_new < f:
                 accepted = True
                 break
@@ -246,8 +327,9 @@ def optimal(
             free &= w > 1e-15
             w[~free] = 0.0
             w /= w.sum()
-        f, g, H = _loss_grad_hess(w, logprobs, tgt)
-    return w
+            full = None
+        f, g, H = full if full is not None and trial == 0 else _loss_grad_hess(w, scores, tgt)
+    return w, f
 
 
 def check_fixed(values: Sequence[float], num_members: int) -> torch.Tensor:
@@ -273,6 +355,16 @@ def check_strategy(weighting: str | Sequence[float], num_members: int | None = N
         check_fixed(weighting, num_members)
 
 
+@dataclass
+class Solution:
+    """A solved prompt: the weights ``(K,)``, each member's perplexity ``(K,)`` (both float64, CPU), and
+    Eq. 3's loss at the weights (``exp(loss)`` is the fused prompt perplexity)."""
+
+    weights: torch.Tensor
+    perplexities: torch.Tensor
+    loss: float
+
+
 def solve(
     weighting: str | Sequence[float],
     logprobs: torch.Tensor,
@@ -283,20 +375,44 @@ def solve(
 ) -> torch.Tensor:
     """Weights ``(K,)`` (float64, on the CPU) for one prompt under the named strategy.
 
-    ``logprobs`` is ``(K, T, V)`` and ``targets`` ``(T,)``, with ``T >= 1``.
+    ``logprobs`` is ``(K, T, V)`` (log-probs or raw logits) and ``targets`` ``(T,)``, with ``T >= 1``.
     """
-    K = logprobs.shape[0]
+    return _solve(weighting, logprobs, targets, tau, grid_step, with_loss=False).weights
+
+
+def solve_with_stats(
+    weighting: str | Sequence[float],
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    tau: float = 1.0,
+    grid_step: float = 0.05,
+) -> Solution:
+    """:func:`solve`, plus the members' perplexities and the fused prompt loss, sharing one pass over the
+    scores where the strategy allows (the engine's reports use this)."""
+    return _solve(weighting, scores, targets, tau, grid_step, with_loss=True)
+
+
+def _solve(weighting, scores, targets, tau, grid_step, *, with_loss: bool) -> Solution:
+    K = scores.shape[0]
     check_strategy(weighting, K)
+    ppl = perplexities(scores, targets)  # (K,)
+    loss = None
     if not isinstance(weighting, str):
-        return check_fixed(weighting, K)
-    if weighting == "uniform":
-        return uniform(K)
-    if weighting == "top1":
-        return top1(perplexities(logprobs, targets))
-    if weighting == "sim":
-        return sim(perplexities(logprobs, targets), tau)
-    if weighting == "greedy":
-        return greedy(logprobs, targets, grid_step)
-    if weighting == "grid":
-        return grid(logprobs, targets, grid_step)
-    return optimal(logprobs, targets)
+        w = check_fixed(weighting, K)
+    elif weighting == "uniform":
+        w = uniform(K)
+    elif weighting == "top1":
+        w = top1(ppl)
+        loss = math.log(float(ppl[int(torch.argmin(ppl))]))
+    elif weighting == "sim":
+        w = sim(ppl, tau)
+    elif weighting == "greedy":
+        w, loss = _greedy(scores, targets, grid_step, ppl)
+    elif weighting == "grid":
+        w, loss = _grid(scores, targets, grid_step)
+    else:
+        w, loss = _optimal(scores, targets, ppl)
+    if loss is None and with_loss:
+        loss = prompt_loss(w, scores, targets)
+    return Solution(w, ppl, float("nan") if loss is None else loss)

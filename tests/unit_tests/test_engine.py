@@ -4,6 +4,7 @@ re-run on the whole sequence at every step."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -12,10 +13,13 @@ from langchain_packllm import FusionEngine, PackLLM, SamplingConfig, WeightingCo
 from langchain_packllm import weights as W
 from langchain_packllm.members import load_member
 
+# PACKLLM_TEST_DEVICE=cuda runs these comparisons with the members on a GPU (benchmarks/gpu_bench.sh).
+DEVICE = os.environ.get("PACKLLM_TEST_DEVICE", "cpu")
+
 
 @pytest.fixture(scope="module")
 def members64(tiny_paths):
-    return [load_member(p, torch_dtype="float64", device="cpu") for p in tiny_paths]
+    return [load_member(p, torch_dtype="float64", device=DEVICE) for p in tiny_paths]
 
 
 def naive_greedy(members, weights, prompt: str, max_new_tokens: int) -> list[int]:
@@ -27,7 +31,7 @@ def naive_greedy(members, weights, prompt: str, max_new_tokens: int) -> list[int
         for _ in range(max_new_tokens):
             fused = 0
             for w, m in zip(weights, members):
-                logits = m.model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+                logits = m.model(input_ids=torch.tensor([ids], device=m.device)).logits[0, -1].double().cpu()
                 fused = fused + w * torch.log_softmax(logits, -1)
             nxt = int(torch.argmax(fused))
             if nxt in eos:
@@ -67,12 +71,12 @@ def test_batch_equals_single_prompts_with_solved_weights(members64) -> None:
 
 def plain_prompt_logprobs(members, prompt):
     tok = members[0].tokenizer
-    ids = torch.tensor([tok(prompt)["input_ids"]])
+    ids = torch.tensor([tok(prompt)["input_ids"]], device=members[0].device)
     with torch.no_grad():
         lp = torch.stack(
-            [torch.log_softmax(m.model(input_ids=ids).logits[0, :-1].double(), -1) for m in members]
+            [torch.log_softmax(m.model(input_ids=ids).logits[0, :-1].double(), -1).cpu() for m in members]
         )
-    return lp, ids[0, 1:]
+    return lp, ids[0, 1:].cpu()
 
 
 @pytest.mark.parametrize("weighting", ["optimal", "greedy", "grid", "sim", "uniform", "top1"])
@@ -207,3 +211,52 @@ def test_errors_are_clear(tiny_paths, tmp_path) -> None:
         PackLLM.from_model_ids(tiny_paths, weighting="best")
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingConfig(max_new_tokens=-1)
+
+
+def test_concurrent_device_groups_match_sequential(members64) -> None:
+    """The multi-device path (one thread per device) forced on CPU gives the same tokens and weights."""
+    from langchain_packllm.engine import _device_groups
+
+    engine = FusionEngine(members64)
+    assert engine._pool is None and _device_groups(members64) == [[0, 1, 2]]  # CPU only: no threads
+    cfg = SamplingConfig(max_new_tokens=6)
+    plain = engine.generate(PROMPTS, WeightingConfig("optimal"), cfg)
+    threaded = FusionEngine(members64)
+    threaded._set_device_groups([[2], [0], [1]])
+    assert threaded._pool is not None
+    outs = threaded.generate(PROMPTS, WeightingConfig("optimal"), cfg)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    for a, b in zip(outs, plain):
+        assert list(a.report.weights.values()) == pytest.approx(list(b.report.weights.values()), abs=1e-12)
+    res = threaded.loglikelihood([("import os", "\nimport sys")])[0]
+    assert res.logprob == pytest.approx(engine.loglikelihood([("import os", "\nimport sys")])[0].logprob)
+
+
+def test_device_groups_put_accelerators_first() -> None:
+    from types import SimpleNamespace
+
+    from langchain_packllm.engine import _device_groups
+
+    fake = [SimpleNamespace(device=torch.device(d)) for d in ("cpu", "cuda:0", "cpu", "cuda:1", "cuda:0")]
+    assert _device_groups(fake) == [[1, 4], [3], [0, 2]]
+
+
+def test_prefill_keeps_one_buffer_of_raw_logits(members64) -> None:
+    """The solve reads raw logits from one (K, B, L, V) buffer: same weights as on log-probs, and the
+    per-prompt slices are views of it (no per-member copy)."""
+    engine = FusionEngine(members64)
+    batch = [engine.encode(p) for p in PROMPTS[:3]]
+    scores, input_ids, mask, _, last = engine._prefill_scores(batch, use_cache=False)
+    K, B, L, V = scores.shape
+    assert (K, B, L, V) == (3, 3, input_ids.shape[1], engine.vocab_size)
+    row = scores[:, 1, L - len(batch[1]) : L - 1]
+    assert row.reshape(K, -1).data_ptr() == row.data_ptr()  # flattening the row is a view, not a copy
+    lp = torch.log_softmax(row, -1)
+    y = input_ids[1, L - len(batch[1]) + 1 :]
+    for name in ("optimal", "greedy", "sim"):
+        assert W.solve(name, row, y).tolist() == pytest.approx(W.solve(name, lp, y).tolist(), abs=1e-9)
+    sol = W.solve_with_stats("optimal", row, y)
+    assert sol.perplexities.tolist() == pytest.approx(W.perplexities(lp, y).tolist(), rel=1e-9)
+    assert sol.loss == pytest.approx(W.prompt_loss(sol.weights, lp, y), abs=1e-9)
+    for k in range(K):
+        assert torch.allclose(last[k], torch.log_softmax(scores[k, :, -1], -1))

@@ -187,3 +187,15 @@ def test_unknown_strategy_and_bad_step() -> None:
         W.solve("best", lp, y)
     with pytest.raises(ValueError, match="grid_step"):
         W.solve("greedy", lp, y, grid_step=0.3)
+
+
+@pytest.mark.parametrize(
+    "weighting", ["optimal", "greedy", "grid", "sim", "uniform", "top1", (0.2, 0.3, 0.5)]
+)
+def test_solve_with_stats_reports_loss_and_perplexities_on_raw_logits(weighting) -> None:
+    lp, y = make_problem(13, 3)
+    raw = lp + torch.randn(3, lp.shape[1], 1, dtype=torch.float64) * 5  # per-position shifts: raw logits
+    sol = W.solve_with_stats(weighting, raw, y, grid_step=0.1)
+    assert sol.weights.tolist() == pytest.approx(W.solve(weighting, lp, y, grid_step=0.1).tolist(), abs=1e-9)
+    assert sol.loss == pytest.approx(W.prompt_loss(sol.weights, lp, y), abs=1e-9)
+    assert sol.perplexities.tolist() == pytest.approx([plain_ppl(lp[k], y) for k in range(3)], rel=1e-9)

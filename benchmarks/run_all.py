@@ -1,0 +1,14 @@
+"""Run every benchmark and write the tables and JSON: a thin wrapper over ``packllm bench``.
+
+python benchmarks/run_all.py --quick --out docs/bench-quick.json
+python benchmarks/run_all.py --device cuda --out bench-cuda.json
+"""
+
+from __future__ import annotations
+
+import sys
+
+from langchain_packllm.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", *sys.argv[1:]]))

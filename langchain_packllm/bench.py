@@ -1,0 +1,687 @@
+"""``packllm bench``: how much fusion costs on top of the members' own forwards.
+
+Every figure is a ratio of two timings taken in the same process, on the same models, interleaved and
+summarised by medians, so that a noisy shared machine still gives comparable numbers:
+
+1. ``decode``: fused tokens/s against the bound ``1 / sum_k t_k``, where ``t_k`` is member k's own cached
+   single-token greedy step (forward + argmax) measured here; transformers' ``model.generate`` per member
+   (greedy, with cache, same prompt and token count) is timed as a peer.
+2. ``ttft``: the fused call's time to first token against the K members' prefill forwards plus the
+   weight solve the call reports.
+3. ``solve``: wall time of ``greedy``, ``grid`` and ``optimal`` on random log-probs of shape ``(K, T, V)``,
+   and as a fraction of K prefill forwards of a bench model at that length and vocabulary.
+4. ``memory``: peak memory of a fused call against each member's own prefill (method in
+   :func:`peak_memory`).
+
+Benchmark members are random-weight GPT-2 / Llama models made from configs with a word-level tokenizer
+(every id decodes, no EOS, so every run decodes exactly the requested number of tokens), saved with
+``save_pretrained`` and loaded back through :func:`~langchain_packllm.members.load_member`.
+
+Example::
+
+    >>> from langchain_packllm.bench import BenchConfig, run_all
+    >>> results = run_all(BenchConfig.quick_config(), only=("solve",))
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerFast
+from transformers.generation.streamers import BaseStreamer
+
+from langchain_packllm import weights as weights_lib
+from langchain_packllm.engine import FusionEngine, SamplingConfig, WeightingConfig
+from langchain_packllm.members import Member, load_member
+
+logger = logging.getLogger(__name__)
+
+SECTIONS = ("decode", "ttft", "solve", "memory")
+
+
+@dataclass
+class BenchConfig:
+    """What to measure. ``quick_config()`` is sized to finish in about a minute or two on two CPU cores."""
+
+    device: str = "cpu"
+    vocab_size: int = 32000
+    hidden: int = 256
+    layers: int = 4
+    ks: tuple[int, ...] = (1, 2, 4)
+    batch_sizes: tuple[int, ...] = (1, 8)
+    decode_prompt: int = 64
+    decode_tokens: int = 32
+    ttft_prompt: int = 512
+    repeats: int = 5
+    solve_ks: tuple[int, ...] = (2, 3, 5, 8)
+    solve_lengths: tuple[int, ...] = (64, 512)
+    solve_vocabs: tuple[int, ...] = (4096, 32768, 131072)
+    solve_repeats: int = 3
+    grid_step: float = 0.05
+    # Grid cells whose exhaustive cost (points x T x V) exceeds this are reported as skipped.
+    grid_budget: float = 2e11
+    # Solver cells whose tensor (K x T x V floats) exceeds this many elements are skipped.
+    solve_max_elements: float = 6e8
+    memory_prompt: int = 512
+    seed: int = 0
+
+    @classmethod
+    def quick_config(cls, **overrides) -> BenchConfig:
+        quick = cls(
+            decode_tokens=16,
+            ttft_prompt=256,
+            repeats=3,
+            solve_ks=(2, 3, 5, 8),
+            solve_lengths=(64, 512),
+            solve_vocabs=(4096, 32768),
+            solve_repeats=1,
+            grid_budget=5e9,
+            solve_max_elements=7e7,
+            memory_prompt=256,
+        )
+        return replace(quick, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of exactly ``vocab_size`` ids (``w3 w4 ...``): no EOS, every id decodes."""
+    vocab = {"<pad>": 0, "<s>": 1, "<unk>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def bench_model(arch: str, vocab_size: int, hidden: int, layers: int, max_length: int, seed: int):
+    """A random GPT-2 or Llama of the given width and depth (about 20M parameters at the defaults)."""
+    heads = max(1, hidden // 64)
+    if arch == "gpt2":
+        spec = dict(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=max_length)
+    else:
+        spec = dict(
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            intermediate_size=hidden * 8 // 3,
+            max_position_embeddings=max_length,
+        )
+    config = AutoConfig.for_model(
+        arch, vocab_size=vocab_size, bos_token_id=1, eos_token_id=None, pad_token_id=0, **spec
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def make_bench_pack(directory: str | Path, cfg: BenchConfig, count: int) -> list[str]:
+    """Save ``count`` members (GPT-2 and Llama alternately) over one word-level tokenizer."""
+    directory = Path(directory)
+    tokenizer = word_tokenizer(cfg.vocab_size)
+    max_length = max(cfg.ttft_prompt, cfg.memory_prompt, cfg.decode_prompt + cfg.decode_tokens) + 64
+    paths = []
+    for i in range(count):
+        arch = ("gpt2", "llama")[i % 2]
+        path = directory / f"{arch}-{i}"
+        model = bench_model(arch, cfg.vocab_size, cfg.hidden, cfg.layers, max_length, cfg.seed + i)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(str(path))
+    return paths
+
+
+def random_prompts(vocab_size: int, length: int, count: int, seed: int) -> list[str]:
+    """``count`` prompts of exactly ``length`` word tokens each."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (count, length), generator=g)
+    return [" ".join(f"w{i}" for i in row) for row in ids.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device | str) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+class _Clock(BaseStreamer):
+    """A ``generate`` streamer that timestamps every put (the prompt first, then each new token)."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@torch.inference_mode()
+def member_step_seconds(model, input_ids: torch.Tensor, mask: torch.Tensor, steps: int) -> float:
+    """Seconds per cached single-token greedy step of one model alone (forward + argmax)."""
+    dev = model.device
+    input_ids, mask = input_ids.to(dev), mask.to(dev)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    ones = torch.ones_like(mask[:, :1])
+    _sync(dev)
+    start = time.perf_counter()
+    for _ in range(steps):
+        mask = torch.cat([mask, ones], dim=1)
+        out = model(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(dev)
+    return (time.perf_counter() - start) / steps
+
+
+@torch.inference_mode()
+def generate_step_seconds(model, input_ids: torch.Tensor, mask: torch.Tensor, steps: int) -> float:
+    """Seconds per decode step of transformers' ``generate`` (greedy, cached), from streamer timestamps."""
+    dev = model.device
+    clock = _Clock(dev)
+    model.generate(
+        input_ids=input_ids.to(dev),
+        attention_mask=mask.to(dev),
+        max_new_tokens=steps + 1,
+        min_new_tokens=steps + 1,
+        do_sample=False,
+        pad_token_id=0,
+        streamer=clock,
+    )
+    t = clock.times  # prompt, first token, ..., last token
+    return (t[-1] - t[1]) / (len(t) - 2)
+
+
+def fused_step_seconds(engine: FusionEngine, prompts: list[str], steps: int) -> float:
+    """Seconds per fused decode step, between the first and the last token of one ``_decode`` run."""
+    weighting = WeightingConfig("uniform")
+    sampling = SamplingConfig(max_new_tokens=steps + 1)
+    with engine._lock:
+        decoding = engine._decode(prompts, weighting, sampling)
+        next(decoding)  # prefill done, first token chosen
+        _sync(engine.mix_device)
+        start, n = time.perf_counter(), 0
+        for _ in decoding:
+            n += 1
+        _sync(engine.mix_device)
+    return (time.perf_counter() - start) / n
+
+
+# ---------------------------------------------------------------------------------------------- 1. decode
+
+
+def bench_decode(members: list[Member], cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]:
+    rows = []
+    for K in cfg.ks:
+        engine = FusionEngine(members[:K])
+        for B in cfg.batch_sizes:
+            prompts = random_prompts(cfg.vocab_size, cfg.decode_prompt, B, cfg.seed + B)
+            ids, mask = engine._pad([engine.encode(p) for p in prompts])
+            steps = cfg.decode_tokens
+            # Warm-up, then interleaved repeats.
+            fused_step_seconds(engine, prompts, 2)
+            for m in engine.members:
+                member_step_seconds(m.model, ids, mask, 2)
+            fused, own, gen = [], [[] for _ in range(K)], [[] for _ in range(K)]
+            for _ in range(cfg.repeats):
+                fused.append(fused_step_seconds(engine, prompts, steps))
+                for k, m in enumerate(engine.members):
+                    own[k].append(member_step_seconds(m.model, ids, mask, steps))
+                    gen[k].append(generate_step_seconds(m.model, ids, mask, steps))
+            t_fused = _median(fused)
+            t_own = [_median(x) for x in own]
+            t_gen = [_median(x) for x in gen]
+            bound = sum(t_own)
+            # Ratios: median over repeats of the ratio within each repeat (robust to slow drifts in load).
+            to_bound = _median([sum(o[r] for o in own) / fused[r] for r in range(cfg.repeats)])
+            to_generate = _median([sum(g[r] for g in gen) / fused[r] for r in range(cfg.repeats)])
+            row = {
+                "K": K,
+                "batch": B,
+                "steps": steps,
+                "fused_step_ms": 1e3 * t_fused,
+                "member_step_ms": [1e3 * t for t in t_own],
+                "generate_step_ms": [1e3 * t for t in t_gen],
+                "fused_tokens_per_s": B / t_fused,
+                "bound_tokens_per_s": B / bound,
+                "ratio_to_bound": to_bound,
+                "ratio_to_generate_sum": to_generate,
+            }
+            rows.append(row)
+            progress(
+                f"decode K={K} B={B}: fused {row['fused_tokens_per_s']:.0f} tok/s, "
+                f"{row['ratio_to_bound']:.3f} of the bound, {row['ratio_to_generate_sum']:.3f} of generate"
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- 2. TTFT
+
+
+@torch.inference_mode()
+def member_prefill_seconds(model, input_ids: torch.Tensor, mask: torch.Tensor) -> float:
+    dev = model.device
+    input_ids, mask = input_ids.to(dev), mask.to(dev)
+    _sync(dev)
+    start = time.perf_counter()
+    cache = DynamicCache(config=model.config)
+    model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    _sync(dev)
+    return time.perf_counter() - start
+
+
+def bench_ttft(members: list[Member], cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]:
+    rows = []
+    prompt = random_prompts(cfg.vocab_size, cfg.ttft_prompt, 1, cfg.seed + 99)
+    for K in [k for k in cfg.ks if k > 1] or list(cfg.ks):
+        engine = FusionEngine(members[:K])
+        ids, mask = engine._pad([engine.encode(prompt[0])])
+        sampling = SamplingConfig(max_new_tokens=1)
+        engine.generate(prompt, WeightingConfig("optimal"), sampling)  # warm-up
+        ttft, solve, prefill, ratios = [], [], [[] for _ in range(K)], []
+        for _ in range(cfg.repeats):
+            start = time.perf_counter()
+            out = engine.generate(prompt, WeightingConfig("optimal"), sampling)[0]
+            _sync(engine.mix_device)
+            ttft.append(time.perf_counter() - start)
+            solve.append(out.report.solve_seconds)
+            for k, m in enumerate(engine.members):
+                prefill[k].append(member_prefill_seconds(m.model, ids, mask))
+            ratios.append(ttft[-1] / (sum(p[-1] for p in prefill) + solve[-1]))
+        t_prefill = sum(_median(p) for p in prefill)
+        t_solve, t_ttft = _median(solve), _median(ttft)
+        row = {
+            "K": K,
+            "prompt_tokens": cfg.ttft_prompt,
+            "ttft_ms": 1e3 * t_ttft,
+            "members_prefill_ms": 1e3 * t_prefill,
+            "solve_ms": 1e3 * t_solve,
+            "ratio_to_prefill_plus_solve": _median(ratios),
+            "ratio_to_prefill": t_ttft / t_prefill,
+        }
+        rows.append(row)
+        progress(
+            f"ttft K={K} T={cfg.ttft_prompt}: {row['ttft_ms']:.0f} ms = "
+            f"{row['ratio_to_prefill_plus_solve']:.3f} x (prefill + solve)"
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- 3. solve
+
+
+def random_problem(K: int, T: int, V: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs ``(K, T, V)`` of members that share a signal to different degrees, and targets ``(T,)``."""
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.randn(K, T, V, generator=g)
+    base = torch.randn(T, V, generator=g)
+    for k in range(K):
+        lp[k] = lp[k].mul_(1.5).add_(base, alpha=0.5 + 2.5 * k / max(1, K - 1)).log_softmax(-1)
+    targets = torch.multinomial(torch.softmax(base * 2, dim=-1), 1, generator=g).squeeze(1)
+    return lp, targets
+
+
+def _time_solver(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return _median(times)
+
+
+def bench_solve(cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]:
+    """Solver wall times per (K, T, V), and as a fraction of K bench-model forwards at (T, V).
+
+    The prefill estimate is one measured forward (no cache) of a GPT-2 bench model of the configured width
+    and depth with vocabulary V over T tokens, times K: the K members of a pack are assumed to cost that
+    each. Real members are far larger, so the fractions here are an upper bound.
+    """
+    rows = []
+    forward_s: dict[tuple[int, int], float] = {}
+    for V in cfg.solve_vocabs:
+        model = bench_model("gpt2", V, cfg.hidden, cfg.layers, max(cfg.solve_lengths), cfg.seed)
+        model = model.to(cfg.device)
+        for T in cfg.solve_lengths:
+            ids = torch.randint(3, V, (1, T), device=cfg.device)
+            with torch.inference_mode():
+                model(input_ids=ids)
+                times = []
+                for _ in range(max(2, cfg.solve_repeats)):
+                    _sync(cfg.device)
+                    start = time.perf_counter()
+                    model(input_ids=ids)
+                    _sync(cfg.device)
+                    times.append(time.perf_counter() - start)
+            forward_s[(T, V)] = _median(times)
+        del model
+    for V in cfg.solve_vocabs:
+        for T in cfg.solve_lengths:
+            for K in cfg.solve_ks:
+                prefill = K * forward_s[(T, V)]
+                base = {"K": K, "T": T, "V": V, "prefill_estimate_ms": 1e3 * prefill}
+                if K * T * V > cfg.solve_max_elements:
+                    for name in ("optimal", "greedy", "grid"):
+                        rows.append({**base, "solver": name, "skipped": f"skipped ({K}x{T}x{V} log-probs)"})
+                    continue
+                lp, y = random_problem(K, T, V, cfg.seed + K)
+                lp, y = lp.to(cfg.device), y.to(cfg.device)
+                losses = {}
+                for name in ("optimal", "greedy", "grid"):
+                    row = {**base, "solver": name}
+                    if name == "grid":
+                        points = math.comb(round(1 / cfg.grid_step) + K - 1, K - 1)
+                        row["points"] = points
+                        if points * T * V > cfg.grid_budget:
+                            row["skipped"] = f"skipped ({points} points)"
+                            rows.append(row)
+                            continue
+                    w = weights_lib.solve(name, lp, y, grid_step=cfg.grid_step)
+                    seconds = _time_solver(
+                        partial(weights_lib.solve, name, lp, y, grid_step=cfg.grid_step),
+                        cfg.solve_repeats if name != "grid" else 1,
+                    )
+                    losses[name] = weights_lib.prompt_loss(w, lp, y)
+                    row.update(
+                        seconds=seconds,
+                        fraction_of_prefill=seconds / prefill,
+                        loss=losses[name],
+                    )
+                    rows.append(row)
+                    progress(
+                        f"solve {name:7s} K={K} T={T} V={V}: {seconds * 1e3:.1f} ms "
+                        f"({row['fraction_of_prefill']:.3f} of K prefills)"
+                    )
+                del lp
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- 4. memory
+
+
+def _proc_status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+_MALLOC_PINNED = False
+
+
+def _pin_malloc_threshold() -> bool:
+    """glibc: allocations above 64 KiB are mmapped and unmapped on free (no dynamic threshold), so the
+    resident set follows live tensors instead of freed heap that malloc keeps."""
+    global _MALLOC_PINNED
+    if not _MALLOC_PINNED and sys.platform.startswith("linux"):
+        try:
+            _MALLOC_PINNED = bool(ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16))  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            _MALLOC_PINNED = False
+    return _MALLOC_PINNED
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str) -> tuple[float, str]:
+    """Peak bytes allocated while ``fn`` runs, above what was allocated before, and the method used.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU (Linux): the peak
+    resident set size, ``VmHWM`` in ``/proc/self/status``, reset through ``/proc/self/clear_refs`` just
+    before the call, minus ``VmRSS`` before it, with glibc's mmap threshold pinned to 64 KiB so that freed
+    tensors leave the resident set. It counts every allocation of the process (also transformers' own),
+    as touched pages.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - base), "torch.cuda.max_memory_allocated"
+    if not _pin_malloc_threshold() or _proc_status("VmHWM:") is None:
+        return float("nan"), "unavailable (needs Linux + glibc)"
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _proc_status("VmRSS:")
+    fn()
+    return float(_proc_status("VmHWM:") - base), "peak RSS (VmHWM after clear_refs) minus RSS before"
+
+
+def bench_memory(members: list[Member], cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]:
+    rows = []
+    prompt = random_prompts(cfg.vocab_size, cfg.memory_prompt, 1, cfg.seed + 7)
+    logit_bytes = cfg.memory_prompt * cfg.vocab_size * 4  # one member's (T, V) float32 logits
+    for K in cfg.ks:
+        engine = FusionEngine(members[:K])
+        ids, mask = engine._pad([engine.encode(prompt[0])])
+        sampling = SamplingConfig(max_new_tokens=2)
+
+        fused = partial(engine.generate, prompt, WeightingConfig("optimal"), sampling)
+        fused()  # warm-up
+        own = []
+        for m in engine.members:
+            member_prefill_seconds(m.model, ids, mask)
+            own.append(peak_memory(partial(member_prefill_seconds, m.model, ids, mask), engine.mix_device)[0])
+        peak, method = peak_memory(fused, engine.mix_device)
+        row = {
+            "K": K,
+            "prompt_tokens": cfg.memory_prompt,
+            "method": method,
+            "fused_peak_mb": peak / 2**20,
+            "member_peaks_mb": [p / 2**20 for p in own],
+            "sum_member_peaks_mb": sum(own) / 2**20,
+            "logits_mb": logit_bytes / 2**20,
+            "fused_minus_max_member_in_logits": (peak - max(own)) / logit_bytes,
+        }
+        rows.append(row)
+        progress(
+            f"memory K={K}: fused {row['fused_peak_mb']:.0f} MiB, members {row['member_peaks_mb']} MiB "
+            f"(one member's logits: {row['logits_mb']:.0f} MiB)"
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class BenchResults:
+    config: dict
+    machine: dict
+    decode: list[dict] = field(default_factory=list)
+    ttft: list[dict] = field(default_factory=list)
+    solve: list[dict] = field(default_factory=list)
+    memory: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def machine_note(device: str) -> dict:
+    note = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device,
+    }
+    if torch.device(device).type == "cuda":
+        note["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return note
+
+
+def run_all(
+    cfg: BenchConfig, only: Sequence[str] = SECTIONS, progress: Callable[[str], None] | None = None
+) -> BenchResults:
+    progress = progress or logger.info
+    start = time.perf_counter()
+    results = BenchResults(config=asdict(cfg), machine=machine_note(cfg.device))
+    needs_models = any(s in only for s in ("decode", "ttft", "memory"))
+    with tempfile.TemporaryDirectory() as tmp:
+        members = []
+        if needs_models:
+            paths = make_bench_pack(tmp, cfg, max(cfg.ks))
+            members = [
+                load_member(p, name=Path(p).name, device=cfg.device, torch_dtype="float32") for p in paths
+            ]
+        if "decode" in only:
+            results.decode = bench_decode(members, cfg, progress)
+        if "ttft" in only:
+            results.ttft = bench_ttft(members, cfg, progress)
+        if "memory" in only:
+            results.memory = bench_memory(members, cfg, progress)
+        del members
+    if "solve" in only:
+        results.solve = bench_solve(cfg, progress)
+    results.seconds = time.perf_counter() - start
+    return results
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown table; ``columns`` are (header, key, format)."""
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for _, key, fmt in columns:
+            value = row.get(key)
+            if value is None:
+                cells.append(row.get("skipped", "") if key == "seconds" else "")
+            elif isinstance(value, list):
+                cells.append(", ".join(format(v, fmt) for v in value))
+            else:
+                cells.append(format(value, fmt))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_results(results: BenchResults) -> str:
+    parts = [f"machine: {json.dumps(results.machine)}"]
+    if results.decode:
+        parts += [
+            "\n## Decode (fused vs the bound 1 / sum_k t_k, and vs transformers' generate per member)\n",
+            _table(
+                results.decode,
+                [
+                    ("K", "K", "d"),
+                    ("batch", "batch", "d"),
+                    ("fused ms/step", "fused_step_ms", ".2f"),
+                    ("members' own ms/step", "member_step_ms", ".2f"),
+                    ("generate ms/step", "generate_step_ms", ".2f"),
+                    ("fused tok/s", "fused_tokens_per_s", ".0f"),
+                    ("bound tok/s", "bound_tokens_per_s", ".0f"),
+                    ("fused / bound", "ratio_to_bound", ".3f"),
+                    ("fused / sum generate", "ratio_to_generate_sum", ".3f"),
+                ],
+            ),
+        ]
+    if results.ttft:
+        parts += [
+            "\n## Time to first token (fused vs the K members' prefill forwards + the solve)\n",
+            _table(
+                results.ttft,
+                [
+                    ("K", "K", "d"),
+                    ("prompt", "prompt_tokens", "d"),
+                    ("TTFT ms", "ttft_ms", ".1f"),
+                    ("members' prefill ms", "members_prefill_ms", ".1f"),
+                    ("solve ms", "solve_ms", ".1f"),
+                    ("TTFT / (prefill + solve)", "ratio_to_prefill_plus_solve", ".3f"),
+                    ("TTFT / prefill", "ratio_to_prefill", ".3f"),
+                ],
+            ),
+        ]
+    if results.solve:
+        parts += [
+            "\n## Weight solving (random log-probs; prefill = K x a measured bench-model forward)\n",
+            _table(
+                results.solve,
+                [
+                    ("solver", "solver", "s"),
+                    ("K", "K", "d"),
+                    ("T", "T", "d"),
+                    ("V", "V", "d"),
+                    ("seconds", "seconds", ".4f"),
+                    ("K prefills ms", "prefill_estimate_ms", ".0f"),
+                    ("fraction of K prefills", "fraction_of_prefill", ".3f"),
+                    ("prompt loss", "loss", ".5f"),
+                ],
+            ),
+        ]
+    if results.memory:
+        parts += [
+            f"\n## Peak memory ({results.memory[0]['method']})\n",
+            _table(
+                results.memory,
+                [
+                    ("K", "K", "d"),
+                    ("prompt", "prompt_tokens", "d"),
+                    ("fused peak MiB", "fused_peak_mb", ".0f"),
+                    ("members' own peaks MiB", "member_peaks_mb", ".0f"),
+                    ("sum of members MiB", "sum_member_peaks_mb", ".0f"),
+                    ("one (T, V) logits MiB", "logits_mb", ".0f"),
+                    ("(fused - max member) / logits", "fused_minus_max_member_in_logits", ".2f"),
+                ],
+            ),
+        ]
+    parts.append(f"\ntotal {results.seconds:.0f} s")
+    return "\n".join(parts)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {"device": args.device}
+    if args.vocab:
+        overrides["vocab_size"] = args.vocab
+    cfg = BenchConfig.quick_config(**overrides) if args.quick else BenchConfig(**overrides)
+    only = tuple(args.only.split(",")) if args.only else SECTIONS
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"Unknown bench section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}.")
+    results = run_all(cfg, only, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_results(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(asdict(results), indent=2))
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def add_bench_commands(sub) -> None:
+    p = sub.add_parser("bench", help="measure fusion overhead: decode, time to first token, solvers, memory")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats (about 1-2 minutes)")
+    p.add_argument("--only", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")
+    p.add_argument("--device", default="cpu", help="device of the members and the mix, e.g. cpu or cuda")
+    p.add_argument("--vocab", type=int, default=0, help="vocabulary of the bench members (default 32000)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default="bench.json", help="where to write the JSON results ('' for none)")
+    p.set_defaults(func=_bench)
