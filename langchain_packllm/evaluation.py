@@ -551,7 +551,10 @@ def _eval(args) -> int:
         ]
     )
     documents = {d: manifest.heldout_documents(d)[: args.docs] for d in manifest.domain_names}
-    expert_texts = {e.name: manifest.train_documents(e.domain) for e in manifest.experts}
+    methods = args.methods.split(",")
+    expert_texts = None
+    if "cbtm" in methods:
+        expert_texts = {e.name: manifest.train_documents(e.domain) for e in manifest.experts}
     common = dict(
         expert_texts=expert_texts,
         methods=args.methods.split(","),
