@@ -180,6 +180,7 @@ class PrefixAligner:
         self._ref_longest = max(map(len, self._ref_targets), default=0)
         self._fallback_ref = _map_special(-1, self.reference, self.reference)[0]
         self._conditional: dict[tuple[bytes, bytes], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pairs: dict[tuple[bytes, bytes], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def ref_token_for(self, data: bytes) -> int:
         """The reference token that text starting with ``data`` begins with: the longest reference surface
@@ -225,21 +226,84 @@ class PrefixAligner:
         self._conditional[key] = result
         return result
 
-    def map_boundary(self, member_logprobs: torch.Tensor) -> torch.Tensor:
+    def consistent_refs(self, data: bytes) -> list[int]:
+        """Every reference token that text starting with ``data`` may begin with: those that are a prefix of
+        ``data`` and those that extend it (else :meth:`ref_token_for`)."""
+        found = [
+            hit
+            for length in range(1, min(len(data), self._ref_longest) + 1)
+            if (hit := self._ref_targets.get(data[:length])) is not None
+        ]
+        pos = bisect.bisect_right(self._ref_sorted, data)  # strictly longer surfaces that extend data
+        while pos < len(self._ref_sorted) and self._ref_sorted[pos].startswith(data):
+            found.append(self._ref_targets[self._ref_sorted[pos]])
+            pos += 1
+        return found or [self.ref_token_for(data)]
+
+    def consistent_pairs(self, partial: bytes, pending: bytes = b"") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows (nnz,), ref_ids (nnz,))``: for the j-th member token of :meth:`conditional`, every reference
+        token consistent with its remainder (:meth:`consistent_refs`); specials pair with their role
+        counterpart only. Cached per (partial, pending)."""
+        key = (partial, pending)
+        hit = self._pairs.get(key)
+        if hit is not None:
+            return hit
+        member_ids, ref_ids = self.conditional(partial, pending)
+        rows, refs = [], []
+        for j, (tid, longest) in enumerate(zip(member_ids.tolist(), ref_ids.tolist())):
+            surface = self.member.surfaces[tid]
+            consistent = (
+                [longest] if surface is None else self.consistent_refs(pending + surface[len(partial) :])
+            )
+            rows += [j] * len(consistent)
+            refs += consistent
+        result = torch.tensor(rows, dtype=torch.long), torch.tensor(refs, dtype=torch.long)
+        self._pairs[key] = result
+        return result
+
+    def _split_by_prior(
+        self, picked: torch.Tensor, partial: bytes, pending: bytes, prior: torch.Tensor
+    ) -> torch.Tensor:
+        """``picked`` ``(B, n)``: log-mass of the member tokens of :meth:`conditional`; each token's mass is
+        split over its consistent reference tokens in proportion to ``prior`` ``(B, V_ref)``: ``(B, V_ref)``."""
+        rows, refs = self.consistent_pairs(partial, pending)
+        rows, refs = rows.to(picked.device), refs.to(picked.device)
+        prior_pairs = prior[:, : self.ref_vocab_size].clamp_min(-1e4).index_select(-1, refs)  # (B, nnz)
+        log_z = _scatter_logsumexp(prior_pairs, rows, picked.shape[1])  # (B, n): prior mass per member token
+        shares = picked.index_select(-1, rows) + prior_pairs - log_z.index_select(-1, rows)  # (B, nnz)
+        return _scatter_logsumexp(shares, refs, self.ref_vocab_size)
+
+    def map_boundary(self, member_logprobs: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """At a boundary: ``(B, V_m) -> (B, V_ref)`` through the prefix map (mass preserved; identity when
-        the tokenizers are the same)."""
+        the tokenizers are the same). With ``prior`` (the reference's own log-probs here, ``(B, V_ref)``),
+        each member token's mass is split over every consistent reference token instead (see
+        :meth:`map_conditional`)."""
         if self.identity:
             return member_logprobs[:, : self.ref_vocab_size]
+        if prior is not None:
+            member_ids, _ = self.conditional(b"")
+            picked = member_logprobs.index_select(-1, member_ids.to(member_logprobs.device))
+            return self._split_by_prior(picked, b"", b"", prior)
         return self.prefix_map.map_logprobs(member_logprobs)
 
     def map_conditional(
-        self, member_logprobs: torch.Tensor, partial: bytes, pending: bytes = b""
+        self,
+        member_logprobs: torch.Tensor,
+        partial: bytes,
+        pending: bytes = b"",
+        prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Inside a member token: ``(B, V_m) -> (B, V_ref)``, the member's distribution at the token's start
         conditioned on its surface starting with ``partial`` (renormalised over those tokens). A constant
-        row (the member abstains) where no member token extends ``partial``."""
+        row (the member abstains) where no member token extends ``partial``.
+
+        Without ``prior`` each remainder's mass goes to the longest reference token it starts with. With
+        ``prior`` (the reference's own log-probs at this position, ``(B, V_ref)``) it is split over every
+        reference token consistent with the remainder (a prefix of it, or an extension of it) in proportion
+        to the prior: the member says how the text goes on, the reference says how its tokens cut it.
+        """
         if not partial and not pending:
-            return self.map_boundary(member_logprobs)
+            return self.map_boundary(member_logprobs, prior)
         member_ids, ref_ids = self.conditional(partial, pending)
         if member_ids.numel() == 0:
             return self.abstain(member_logprobs.shape[0], member_logprobs)
@@ -247,25 +311,38 @@ class PrefixAligner:
             -1, member_ids.to(member_logprobs.device)
         )
         picked = torch.log_softmax(picked, dim=-1)  # (B, n): renormalised over the consistent tokens
+        if prior is not None:
+            return self._split_by_prior(picked, partial, pending, prior)
         return _scatter_logsumexp(picked, ref_ids, self.ref_vocab_size)
 
     def map_two_level(
-        self, before: torch.Tensor, after: torch.Tensor, last: int, partial: bytes
+        self,
+        before: torch.Tensor,
+        after: torch.Tensor,
+        last: int,
+        partial: bytes,
+        prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The member just read a token ``last`` with surface ``partial`` that may still grow.
 
         ``before`` ``(B, V_m)`` is its distribution at that token's start, ``after`` ``(B, V_m)`` the one
         after it. Mix "``last`` is complete" (mass ``before[last]``, then ``after`` mapped at a boundary) with
         "the token is longer" (every member token extending ``partial``, conditioned as in
-        :meth:`map_conditional`), renormalised over both: ``(B, V_ref)``.
+        :meth:`map_conditional`), renormalised over both: ``(B, V_ref)``. ``prior`` as in
+        :meth:`map_conditional`.
         """
         member_ids, ref_ids = self.conditional(partial)
         dev = before.device
-        complete = before[:, last : last + 1] + self.map_boundary(after)  # (B, V_ref), mass before[last]
+        complete = before[:, last : last + 1] + self.map_boundary(
+            after, prior
+        )  # (B, V_ref), mass before[last]
         if member_ids.numel() == 0:
             return torch.log_softmax(complete, dim=-1)
         longer = before[:, : self.member_vocab_size].index_select(-1, member_ids.to(dev))  # (B, n)
-        grown = _scatter_logsumexp(longer, ref_ids, self.ref_vocab_size)  # (B, V_ref), mass sum(longer)
+        if prior is not None:
+            grown = self._split_by_prior(longer, partial, b"", prior)  # (B, V_ref), mass sum(longer)
+        else:
+            grown = _scatter_logsumexp(longer, ref_ids, self.ref_vocab_size)  # (B, V_ref), mass sum(longer)
         return torch.log_softmax(torch.logaddexp(complete, grown), dim=-1)
 
     def abstain(self, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -294,7 +371,11 @@ def _member_position(ref: EncodedText, member: EncodedText, i: int) -> tuple[int
 
 
 def prefix_logprobs(
-    aligner: PrefixAligner, ref: EncodedText, member: EncodedText, member_logprobs: torch.Tensor
+    aligner: PrefixAligner,
+    ref: EncodedText,
+    member: EncodedText,
+    member_logprobs: torch.Tensor,
+    prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Member m's log-probabilities of each next reference token, at every reference text position.
 
@@ -304,6 +385,9 @@ def prefix_logprobs(
         member: ``encode_text(member_tokenizer, text)`` (the same text).
         member_logprobs: ``(n_m, V_m)`` log-softmax of the member's forward over ``member.ids``: row ``j``
             predicts ``member.ids[j + 1]``.
+        prior: optional ``(T_ref, V_ref)``, the reference member's own log-probs at the same rows: split
+            each member token's mass over every consistent reference token in proportion to it (see
+            :meth:`PrefixAligner.map_conditional`); None: all of it to the longest reference prefix.
 
     Returns:
         ``(T_ref, V_ref)`` with ``T_ref = ref.n_text``: row ``i`` is the member's distribution of reference
@@ -331,10 +415,12 @@ def prefix_logprobs(
             boundary_rows.append(i)
             boundary_src.append(token - 1)
         else:
-            out[i] = aligner.map_conditional(row, partial, pending)[0]
-    if boundary_rows:  # one batched prefix-map call for every boundary position
+            row_prior = None if prior is None else prior[i : i + 1]
+            out[i] = aligner.map_conditional(row, partial, pending, row_prior)[0]
+    if boundary_rows:  # one batched call for every boundary position
         src = member_logprobs.index_select(0, torch.tensor(boundary_src, device=member_logprobs.device))
-        out[torch.tensor(boundary_rows, device=out.device)] = aligner.map_boundary(src)
+        rows = torch.tensor(boundary_rows, device=out.device)
+        out[rows] = aligner.map_boundary(src, None if prior is None else prior.index_select(0, rows))
     return out
 
 
@@ -392,22 +478,24 @@ class MemberTextState:
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> (V_m,) log-probs after it
     forwarded_tokens: int = 0  # tokens fed to the model so far (prefill + every step)
 
-    def start(self, prompt: str) -> torch.Tensor:
+    def start(self, prompt: str, prior: torch.Tensor | None = None) -> torch.Tensor:
         """Prefill on the prompt; returns ``(1, V_ref)``."""
         self.data, self.held, self.enc, self.cache, self.rows = b"", b"", None, None, {}
-        return self.append(prompt.encode("utf-8"))
+        return self.append(prompt.encode("utf-8"), prior)
 
-    def append(self, piece: bytes) -> torch.Tensor:
-        """Add the bytes of the reference token just sampled; returns the next ``(1, V_ref)`` log-probs."""
+    def append(self, piece: bytes, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """Add the bytes of the reference token just sampled; returns the next ``(1, V_ref)`` log-probs.
+        ``prior``: the reference member's own next-token log-probs ``(1, V_ref)`` after the same text
+        (see :meth:`PrefixAligner.map_conditional`)."""
         pending = self.held + piece
         cut = _complete_utf8_length(pending)
         complete, self.held = pending[:cut], pending[cut:]
         if complete or self.enc is None:
             self.data += complete
             self._sync(self._reencode())
-        return self.logprobs()
+        return self.logprobs(prior)
 
-    def logprobs(self) -> torch.Tensor:
+    def logprobs(self, prior: torch.Tensor | None = None) -> torch.Tensor:
         """The member's next reference token given ``data + held``: ``(1, V_ref)``.
 
         With held bytes: the distribution after the text, conditioned on the held bytes (a partial token).
@@ -420,12 +508,12 @@ class MemberTextState:
         n = len(enc.ids)
         after = self.rows[n - 1][None]  # (1, V_m)
         if self.held:
-            return self.aligner.map_conditional(after, self.held)
+            return self.aligner.map_conditional(after, self.held, prior=prior)
         if n - 1 < enc.n_special or self.aligner.identity:
-            return self.aligner.map_boundary(after)
+            return self.aligner.map_boundary(after, prior)
         before = self.rows[n - 2][None]
         partial = enc.stream[enc.starts[n - 1] :]
-        return self.aligner.map_two_level(before, after, enc.ids[n - 1], partial)
+        return self.aligner.map_two_level(before, after, enc.ids[n - 1], partial, prior)
 
     # ---------------------------------------------------------------- internals
 

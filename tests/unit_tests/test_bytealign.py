@@ -78,12 +78,14 @@ def test_identical_tokenizers_give_own_logprobs(toks, models_) -> None:
         torch.testing.assert_close(mapped, lp[:-1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("with_prior", [False, True])
 @pytest.mark.parametrize(("member", "ref"), [("bl", "sp"), ("sp", "bl")])
-def test_mapped_rows_are_distributions(toks, models_, member: str, ref: str) -> None:
+def test_mapped_rows_are_distributions(toks, models_, member: str, ref: str, with_prior: bool) -> None:
     aligner = PrefixAligner(toks[member], toks[ref])
     for text in TEXTS:
         m_enc, r_enc = encode_text(toks[member], text), encode_text(toks[ref], text)
-        lp = prefix_logprobs(aligner, r_enc, m_enc, own_logprobs(models_[member], m_enc.ids))
+        prior = own_logprobs(models_[ref], r_enc.ids)[:-1] if with_prior else None
+        lp = prefix_logprobs(aligner, r_enc, m_enc, own_logprobs(models_[member], m_enc.ids), prior)
         assert lp.shape == (r_enc.n_text, len(toks[ref]))
         total = torch.logsumexp(lp, dim=-1)  # (T_ref,)
         torch.testing.assert_close(total, torch.zeros_like(total), rtol=0, atol=1e-5)
@@ -129,6 +131,30 @@ def test_reference_boundary_inside_member_token_conditions_on_the_partial_text()
     assert float(lp[1].sum()) == pytest.approx(1.0)
 
 
+def test_prior_splits_a_member_token_over_consistent_reference_tokens() -> None:
+    member = plain_tok(
+        ["a", "b", "c", "d", "ab", "abc", "abd", "abcd"], [("a", "b"), ("ab", "c"), ("ab", "d"), ("abc", "d")]
+    )
+    ref = plain_tok(["a", "b", "c", "d", "ab", "cd"], [("a", "b"), ("c", "d")])
+    m_enc, r_enc = encode_text(member, "abc"), encode_text(ref, "abc")
+    mv, rv = member.get_vocab(), ref.get_vocab()
+    probs = torch.full((len(member),), 1e-9, dtype=torch.float64)
+    probs[mv["abc"]], probs[mv["abd"]], probs[mv["abcd"]] = 0.3, 0.2, 0.1
+    member_lp = torch.stack([(probs / probs.sum()).log(), torch.zeros(len(member))]).log_softmax(-1)
+    prior = torch.full((2, len(ref)), 1e-12, dtype=torch.float64)
+    prior[1, rv["c"]], prior[1, rv["cd"]], prior[1, rv["d"]] = 0.5, 0.25, 0.25
+    prior[0, rv["a"]], prior[0, rv["ab"]] = 0.2, 0.6
+    lp = prefix_logprobs(PrefixAligner(member, ref, use_cache=False), r_enc, m_enc, member_lp, prior.log())
+    lp = lp.exp()
+    # row 0: "abc" may be read by the reference as "a..." or "ab...": split 0.2 : 0.6 (the prior)
+    assert float(lp[0, rv["ab"]]) == pytest.approx(0.75, abs=1e-6)
+    assert float(lp[0, rv["a"]]) == pytest.approx(0.25, abs=1e-6)
+    # row 1: remainders "c" and "cd" are each consistent with ref "c" and "cd" (split 2 : 1); "d" with "d"
+    assert float(lp[1, rv["c"]]) == pytest.approx(0.4 / 0.6 * 2 / 3)
+    assert float(lp[1, rv["cd"]]) == pytest.approx(0.4 / 0.6 / 3)
+    assert float(lp[1, rv["d"]]) == pytest.approx(0.2 / 0.6)
+
+
 def test_eos_mass_goes_to_reference_eos(toks) -> None:
     aligner = PrefixAligner(toks["bl"], toks["sp"])
     V_m = len(toks["bl"])
@@ -141,33 +167,37 @@ def test_eos_mass_goes_to_reference_eos(toks) -> None:
 # ---------------------------------------------------------------------------------------------- decoding
 
 
-def recomputed(state: MemberTextState) -> torch.Tensor:
+def recomputed(state: MemberTextState, prior=None) -> torch.Tensor:
     """What ``state.logprobs()`` must be, from one forward without a cache over the member's ids."""
     enc, aligner = state.enc, state.aligner
     rows = own_logprobs(state.model, enc.ids)
     n = len(enc.ids)
     if state.held:
-        return aligner.map_conditional(rows[n - 1 : n], state.held)
+        return aligner.map_conditional(rows[n - 1 : n], state.held, prior=prior)
     if n - 1 < enc.n_special:
-        return aligner.map_boundary(rows[n - 1 : n])
+        return aligner.map_boundary(rows[n - 1 : n], prior)
     partial = enc.stream[enc.starts[n - 1] :]
-    return aligner.map_two_level(rows[n - 2 : n - 1], rows[n - 1 : n], enc.ids[n - 1], partial)
+    return aligner.map_two_level(rows[n - 2 : n - 1], rows[n - 1 : n], enc.ids[n - 1], partial, prior)
 
 
+@pytest.mark.parametrize("with_prior", [False, True])
 @pytest.mark.parametrize(("member", "ref"), [("bl", "sp"), ("sp", "bl")])
-def test_cached_decoding_equals_recomputation(toks, models_, member: str, ref: str) -> None:
+def test_cached_decoding_equals_recomputation(toks, models_, member: str, ref: str, with_prior: bool) -> None:
     aligner = PrefixAligner(toks[member], toks[ref])
     ref_surfaces = aligner.reference.surfaces
     for text in TEXTS:
         state = MemberTextState(models_[member], toks[member], aligner, window=4)
         r_enc = encode_text(toks[ref], text)
+        ref_rows = own_logprobs(models_[ref], r_enc.ids) if with_prior else None  # the reference's own
         k = r_enc.n_special + 4  # the prompt: the reference's first 4 tokens
-        out = state.start(r_enc.stream[len(r_enc.lead) : r_enc.starts[k]].decode())
-        torch.testing.assert_close(out, recomputed(state), rtol=0, atol=1e-5)
-        for piece in [ref_surfaces[i] for i in r_enc.ids[k:]]:  # the rest, as if the reference sampled it
-            out = state.append(piece)
+        prior = None if ref_rows is None else ref_rows[k - 1 : k]
+        out = state.start(r_enc.stream[len(r_enc.lead) : r_enc.starts[k]].decode(), prior)
+        torch.testing.assert_close(out, recomputed(state, prior), rtol=0, atol=1e-5)
+        for j in range(k, len(r_enc.ids)):  # the rest, as if the reference had sampled it
+            prior = None if ref_rows is None or j + 1 == len(r_enc.ids) else ref_rows[j : j + 1]
+            out = state.append(ref_surfaces[r_enc.ids[j]], prior)
             assert torch.logsumexp(out, -1).item() == pytest.approx(0.0, abs=1e-5)
-            torch.testing.assert_close(out, recomputed(state), rtol=0, atol=1e-5)
+            torch.testing.assert_close(out, recomputed(state, prior), rtol=0, atol=1e-5)
         assert state.data + state.held == text.encode()
         # the tail windows agree with a full encode, and the cache was used (no re-prefill per step)
         assert state.enc.ids == encode_text(toks[member], text).ids
