@@ -15,13 +15,18 @@ chunk), so every row scores exactly the same bytes: the prompt (weights are solv
 - each expert alone, on its own tokenization;
 - ``mined``: the engine's MinED path (``FusionEngine.member_logprobs`` with the reference set per chunk),
   reference = the expert with the lowest bits per byte on the prompt (the engine's rule);
-- ``prefix``: each expert reads its own tokens; one forward per expert; rows mapped with
-  ``bytealign.prefix_logprobs`` (the reference boundary may fall inside a member token: that row sees
-  that the member's token continues, so it may be slightly optimistic);
-- ``prefix-causal``: the scored rows come from ``bytealign.MemberTextState``, the decoding path (each
-  member's state at reference position i depends only on the text before it);
-- ``fused weights``: ``optimal`` (Eq. 3 exact minimiser) and ``uniform``; mapped members smoothed with
-  ``smooth_logprobs(eps)`` before Eq. 1 (``--eps``; the sweep over eps is reported too).
+- ``prefix``: each expert reads its own tokens, rows mapped onto the reference vocabulary by
+  ``bytealign`` (longest reference prefix); ``prefix+prior``: each member token's mass split over every
+  consistent reference token by the reference's own distribution (``prior=``);
+- ``one-forward``: rows from ``bytealign.prefix_logprobs`` over one forward per expert. Where a reference
+  boundary falls inside a member token, that row knows the member's token goes on past it (it is read from
+  the member's tokenization of the WHOLE text): not a causal model, optimistic; reported to show how much;
+- ``causal``: rows from ``bytealign.MemberTextState``, the decoding path: each member's row at reference
+  position i depends only on the text before it (one incremental forward per reference token). This is the
+  honest score and what decoding does. ``causal, one-forward weights``: weights solved on the one-forward
+  prompt rows (what a prefill on one forward would use), scored on causal rows;
+- weights: ``optimal`` (Eq. 3 exact minimiser) and ``uniform``; members' rows smoothed with
+  ``smooth_logprobs(eps)`` before Eq. 1 (``--eps``; a sweep over eps is reported for ``prefix``).
 
 Also reported: how much of the member's probability mass MinED's gather reads (distinct member ids read,
 and the sum over all reference ids, which counts some twice), against 1 for prefix alignment.
@@ -159,19 +164,22 @@ def fused_nll(w: torch.Tensor, lp: torch.Tensor, targets: torch.Tensor) -> float
     return -float(fused.gather(-1, targets[:, None]).sum())
 
 
-def causal_rows(members, aligners, ref: int, ref_enc, c_ref: int) -> list[torch.Tensor]:
+def causal_rows(members, aligners, ref: int, ref_enc, c_ref: int, use_prior: bool) -> list[torch.Tensor]:
     """Each member's (T_rest, V_ref) rows for the reference tokens from index ``c_ref`` on, from the
-    decoding path: the reference reads its own ids; the others follow the text with MemberTextState."""
+    decoding path: the reference reads its own ids; the others follow the text with MemberTextState
+    (with the reference's own row as the prior when ``use_prior``)."""
+    ref_rows = own_logprobs(members[ref], ref_enc.ids)  # (n_ref, V_ref)
     out = []
     for k, m in enumerate(members):
         if k == ref:
-            out.append(own_logprobs(m, ref_enc.ids)[c_ref - 1 : -1])
+            out.append(ref_rows[c_ref - 1 : -1])
             continue
+        prior = (lambda j: ref_rows[j : j + 1]) if use_prior else (lambda j: None)
         state = MemberTextState(m.model, m.tokenizer, aligners[k])
         prompt = ref_enc.stream[len(ref_enc.lead) : ref_enc.starts[c_ref]].decode("utf-8")
-        rows = [state.start(prompt)[0]]
-        for tid in ref_enc.ids[c_ref:-1]:
-            rows.append(state.append(aligners[k].reference.surfaces[tid])[0])
+        rows = [state.start(prompt, prior(c_ref - 1))[0]]
+        for j in range(c_ref, len(ref_enc.ids) - 1):
+            rows.append(state.append(aligners[k].reference.surfaces[ref_enc.ids[j]], prior(j))[0])
         out.append(torch.stack(rows).double())
     return out
 
@@ -199,7 +207,9 @@ def run(args) -> dict:
 
     nll: dict[str, dict[str, float]] = {}
     nbytes: dict[str, int] = {}
-    extra = {"mined_mass_distinct": [], "mined_mass_read": [], "prefix_mass": [], "unreached": [], "refs": {}}
+    extra: dict = {"refs": {}, "mined_mass_distinct": [], "mined_mass_read": []}
+    for tag in ("prefix", "prefix+prior"):
+        extra[f"{tag} mass"], extra[f"{tag} unreached"] = [], []
 
     def add(row: str, domain: str, value: float) -> None:
         nll.setdefault(row, {}).setdefault(domain, 0.0)
@@ -253,31 +263,45 @@ def run(args) -> dict:
                 )
                 extra["mined_mass_read"].append(float(p[:, torch.as_tensor(src.ids)].sum(-1).mean()))
 
-            # prefix alignment, one forward per member over its own tokens
-            raw = torch.stack([prefix_logprobs(aligners[(k, ref)], r_enc, encs[k], own[k]) for k in range(K)])
-            for k in range(K):
-                if k != ref:
-                    extra["prefix_mass"].append(float(raw[k].exp().sum(-1).mean()))
-                    extra["unreached"].append(
-                        float(torch.isinf(raw[k, c_tok:].gather(-1, r_y[:, None])).double().mean())
-                    )
-            # prefix alignment, decoding path (causal) for the scored rows
-            causal = torch.stack(
-                causal_rows(
-                    members, {k: aligners[(k, ref)] for k in range(K)}, ref, r_enc, r_enc.n_special + c_tok
+            # prefix alignment, one forward per member over its own tokens; with and without the prior
+            prior = own[ref][r_enc.n_special - 1 : -1]  # (T_ref, V_ref): the reference's own rows
+            for tag, use_prior in (("prefix", False), ("prefix+prior", True)):
+                raw = torch.stack(
+                    [
+                        prefix_logprobs(
+                            aligners[(k, ref)], r_enc, encs[k], own[k], prior if use_prior else None
+                        )
+                        for k in range(K)
+                    ]
+                )  # (K, T_ref, V_ref)
+                for k in range(K):
+                    if k != ref:
+                        extra[f"{tag} mass"].append(float(raw[k].exp().sum(-1).mean()))
+                        hit = raw[k, c_tok:].gather(-1, r_y[:, None])
+                        extra[f"{tag} unreached"].append(float(torch.isinf(hit).double().mean()))
+                # the decoding path (causal): from the reference's first token that starts after the text's
+                # first byte on, every row comes from MemberTextState; the 1-2 rows before it from `raw`
+                text_starts = [st - len(r_enc.lead) for st in r_enc.starts]
+                j0 = next(j for j in range(r_enc.n_special, len(r_enc.ids)) if text_starts[j] >= 1)
+                causal = causal_rows(
+                    members, {k: aligners[(k, ref)] for k in range(K)}, ref, r_enc, j0, use_prior
                 )
-            )
-
-            for eps in eps_sweep:
-                lp_p = smooth_logprobs(raw, eps)
-                w = W.solve("optimal", lp_p[:, :c_tok], p_y)
-                add(f"prefix optimal eps={eps:g}", domain, fused_nll(w, lp_p[:, c_tok:], r_y))
-                if eps == args.eps:
-                    add("prefix uniform", domain, fused_nll(W.uniform(K), lp_p[:, c_tok:], r_y))
-                    add("prefix optimal", domain, fused_nll(w, lp_p[:, c_tok:], r_y))
+                causal = torch.cat(
+                    [raw[:, : j0 - r_enc.n_special], torch.stack(causal)], dim=1
+                )  # (K, T_ref, V)
+                for eps in eps_sweep if not use_prior else [args.eps]:
+                    lp_p = smooth_logprobs(raw, eps)
+                    w = W.solve("optimal", lp_p[:, :c_tok], p_y)
+                    if eps != args.eps:
+                        add(f"{tag} optimal eps={eps:g}", domain, fused_nll(w, lp_p[:, c_tok:], r_y))
+                        continue
                     lp_c = smooth_logprobs(causal, eps)
-                    add("prefix-causal optimal", domain, fused_nll(w, lp_c, r_y))
-                    add("prefix-causal uniform", domain, fused_nll(W.uniform(K), lp_c, r_y))
+                    w_c = W.solve("optimal", lp_c[:, :c_tok], p_y)
+                    add(f"{tag} one-forward optimal", domain, fused_nll(w, lp_p[:, c_tok:], r_y))
+                    add(f"{tag} one-forward uniform", domain, fused_nll(W.uniform(K), lp_p[:, c_tok:], r_y))
+                    add(f"{tag} causal optimal", domain, fused_nll(w_c, lp_c[:, c_tok:], r_y))
+                    add(f"{tag} causal uniform", domain, fused_nll(W.uniform(K), lp_c[:, c_tok:], r_y))
+                    add(f"{tag} causal, one-forward weights", domain, fused_nll(w, lp_c[:, c_tok:], r_y))
             w = W.solve("optimal", lp_m[:, :c_tok], p_y)
             add("mined optimal", domain, fused_nll(w, lp_m[:, c_tok:], r_y))
             add("mined uniform", domain, fused_nll(W.uniform(K), lp_m[:, c_tok:], r_y))
@@ -294,8 +318,10 @@ def run(args) -> dict:
         "references_chosen": extra["refs"],
         "mined_mass_distinct_ids": mean(extra["mined_mass_distinct"]),
         "mined_mass_read_with_duplicates": mean(extra["mined_mass_read"]),
-        "prefix_mass": mean(extra["prefix_mass"]),
-        "prefix_targets_unreached": mean(extra["unreached"]),
+        "prefix_mass": mean(extra["prefix mass"]),
+        "prefix_prior_mass": mean(extra["prefix+prior mass"]),
+        "prefix_targets_unreached": mean(extra["prefix unreached"]),
+        "prefix_prior_targets_unreached": mean(extra["prefix+prior unreached"]),
         "settings": vars(args),
         "seconds": time.perf_counter() - started,
     }

@@ -219,7 +219,7 @@ class PrefixAligner:
             ref_ids.append(self.ref_token_for(pending + surface[len(partial) :]))
         if not partial:
             for tid, surface in enumerate(self.member.surfaces):
-                if surface is None:
+                if not surface:  # special (or unassigned, or empty): by role, as the prefix map does
                     member_ids.append(tid)
                     ref_ids.append(_map_special(tid, self.member, self.reference)[0])
         result = torch.tensor(member_ids, dtype=torch.long), torch.tensor(ref_ids, dtype=torch.long)
@@ -252,9 +252,7 @@ class PrefixAligner:
         rows, refs = [], []
         for j, (tid, longest) in enumerate(zip(member_ids.tolist(), ref_ids.tolist())):
             surface = self.member.surfaces[tid]
-            consistent = (
-                [longest] if surface is None else self.consistent_refs(pending + surface[len(partial) :])
-            )
+            consistent = [longest] if not surface else self.consistent_refs(pending + surface[len(partial) :])
             rows += [j] * len(consistent)
             refs += consistent
         result = torch.tensor(rows, dtype=torch.long), torch.tensor(refs, dtype=torch.long)
@@ -424,6 +422,49 @@ def prefix_logprobs(
     return out
 
 
+def reference_logprobs(
+    members: list[Any],
+    ref: int,
+    text: str,
+    aligners: dict[int, PrefixAligner] | None = None,
+    use_prior: bool = True,
+) -> tuple[torch.Tensor, EncodedText]:
+    """Every member's log-probs of each next reference token of ``text``, each member reading its own tokens.
+
+    Args:
+        members: objects with ``.model`` and ``.tokenizer`` (``langchain_packllm.members.Member``).
+        ref: index of the reference member (its tokenizer defines the rows and the vocabulary).
+        text: the prompt (or a whole document, for evaluation).
+        aligners: ``{k: PrefixAligner(members[k].tokenizer, members[ref].tokenizer)}``, built if missing
+            (keep them: their conditional maps are cached inside).
+        use_prior: split member mass by the reference's own rows (:meth:`PrefixAligner.map_conditional`).
+
+    Returns:
+        ``(logprobs (K, T_ref, V_ref), ref_encoding)``: row ``i`` predicts ``ref_encoding.ids[n_special + i]``;
+        member ``ref``'s rows are its own log-softmax. Not smoothed: apply :func:`smooth_logprobs` before Eq. 1.
+    """
+    aligners = aligners if aligners is not None else {}
+    encs = []
+    for k, m in enumerate(members):
+        if k not in aligners:
+            aligners[k] = PrefixAligner(m.tokenizer, members[ref].tokenizer)
+        encs.append(encode_text(m.tokenizer, text, aligners[k].member))
+    rows = []
+    for k, (m, enc) in enumerate(zip(members, encs)):
+        device = m.model.get_input_embeddings().weight.device
+        with torch.inference_mode():
+            logits = m.model(input_ids=torch.tensor([enc.ids], device=device)).logits[0]
+        logits = logits[:, : aligners[k].member_vocab_size]  # drop a padded embedding's tail
+        rows.append(torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1))
+    r_enc = encs[ref]
+    prior = rows[ref][r_enc.n_special - 1 : -1] if use_prior else None  # (T_ref, V_ref)
+    out = []
+    for k in range(len(members)):
+        k_prior = None if prior is None or k == ref else prior.to(rows[k].device)
+        out.append(prefix_logprobs(aligners[k], r_enc, encs[k], rows[k], k_prior).to(rows[ref].device))
+    return torch.stack(out), r_enc
+
+
 def smooth_logprobs(logprobs: torch.Tensor, epsilon: float = DEFAULT_EPSILON) -> torch.Tensor:
     """``log((1 - eps) p + eps / V)``: every entry finite, rows still normalised.
 
@@ -590,5 +631,6 @@ __all__ = [
     "PrefixAligner",
     "encode_text",
     "prefix_logprobs",
+    "reference_logprobs",
     "smooth_logprobs",
 ]

@@ -213,3 +213,19 @@ def test_incomplete_utf8_is_held_back(toks, models_) -> None:
     assert torch.logsumexp(out, -1).item() == pytest.approx(0.0, abs=1e-5)
     state.append("é".encode()[1:])
     assert state.held == b"" and state.data == "x = 'é".encode()
+
+
+def test_reference_logprobs_stacks_every_member_on_the_reference_rows(toks, models_) -> None:
+    from types import SimpleNamespace
+
+    from langchain_packllm.bytealign import reference_logprobs
+
+    members = [SimpleNamespace(model=models_[n], tokenizer=toks[n]) for n in ("bl", "sp")]
+    text = TEXTS[0]
+    lp, r_enc = reference_logprobs(members, 1, text)
+    assert r_enc.ids == encode_text(toks["sp"], text).ids
+    assert lp.shape == (2, r_enc.n_text, len(toks["sp"]))
+    own = own_logprobs(models_["sp"], r_enc.ids)[:-1].float()
+    torch.testing.assert_close(lp[1], own, rtol=0, atol=1e-6)  # the reference reads its own tokens
+    total = torch.logsumexp(lp, -1)
+    torch.testing.assert_close(total, torch.zeros_like(total), rtol=0, atol=1e-5)
