@@ -225,7 +225,7 @@ def test_reference_logprobs_stacks_every_member_on_the_reference_rows(toks, mode
     lp, r_enc = reference_logprobs(members, 1, text)
     assert r_enc.ids == encode_text(toks["sp"], text).ids
     assert lp.shape == (2, r_enc.n_text, len(toks["sp"]))
-    own = own_logprobs(models_["sp"], r_enc.ids)[:-1].float()
+    own = own_logprobs(models_["sp"], r_enc.ids)[:-1].to(lp.dtype)
     torch.testing.assert_close(lp[1], own, rtol=0, atol=1e-6)  # the reference reads its own tokens
     total = torch.logsumexp(lp, -1)
     torch.testing.assert_close(total, torch.zeros_like(total), rtol=0, atol=1e-5)
