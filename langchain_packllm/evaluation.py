@@ -389,10 +389,8 @@ def evaluate_lm_bytes(
             if n < min_tokens or n_prompt < 2:
                 continue
             cut, end = offsets[n_prompt - 1][1], offsets[-1][1]
-            prompt_text, rest_text = text[:cut], text[cut:end]
-            n_bytes = len(rest_text.encode("utf-8"))
-            if n_bytes == 0:
-                continue
+            text = text[:end]
+            prompt_text = text[:cut]
             used += 1
             bpb = engine._bits_per_byte(prompt_text)
             by_ref: dict[int, tuple] = {}
@@ -401,8 +399,8 @@ def evaluate_lm_bytes(
                     idx = list(combo)
                     ref = min(idx, key=lambda i: bpb[i] if math.isfinite(bpb[i]) else math.inf)
                     if ref not in by_ref:
-                        by_ref[ref] = _reference_logprobs(engine, ref, prompt_text, rest_text, limit)
-                    lp, targets, n_p = by_ref[ref]
+                        by_ref[ref] = _reference_logprobs(engine, ref, text, cut, limit)
+                    lp, targets, n_p, n_bytes = by_ref[ref]
                     p_lp, p_y = lp[:, : n_p - 1], targets[: n_p - 1]
                     r_lp, r_y = lp[:, n_p - 1 :], targets[n_p - 1 :]
                     for method in methods if k > 1 else ["single"]:
@@ -422,19 +420,27 @@ def evaluate_lm_bytes(
     return result
 
 
-def _reference_logprobs(engine: FusionEngine, ref: int, prompt_text: str, rest_text: str, limit: int):
-    """All members' log-probs on the document read with member ``ref``'s tokenizer: ``(K, T, V_ref)``,
-    the targets ``(T,)`` and the prompt's token count. A member scoring its own tokenizer reads it exactly."""
+def _reference_logprobs(engine: FusionEngine, ref: int, text: str, cut: int, limit: int):
+    """All members' log-probs on ``text`` read with member ``ref``'s tokenizer: ``(K, T, V_ref)``, the
+    targets ``(T,)``, the number of prompt tokens and the UTF-8 bytes the scored (rest) tokens cover.
+
+    The text is encoded once (encoding the rest on its own would make a Metaspace tokenizer invent a
+    leading space); prompt tokens are those that start before character ``cut``, so a token straddling
+    the cut counts with the prompt and the rest's byte count starts after it.
+    """
     tok = engine.members[ref].tokenizer
-    ids_p = list(tok(prompt_text, add_special_tokens=True)["input_ids"])
-    ids_r = list(tok(rest_text, add_special_tokens=False)["input_ids"])
-    ids = (ids_p + ids_r)[:limit]
+    enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"])[:limit], list(enc["offset_mapping"])[:limit]
+    specials = set(tok.all_special_ids)
+    n_prompt = sum(1 for i, (start, _) in zip(ids, offsets) if i in specials or start < cut)
+    rest_start = offsets[n_prompt][0] if n_prompt < len(ids) else len(text)
+    n_bytes = len(text[rest_start : offsets[-1][1]].encode("utf-8"))
     engine._use_reference(ref)
     try:
         lp_list, input_ids, _, _ = engine.member_logprobs([ids])
     finally:
         engine._use_reference(0)
-    return torch.stack([x[0, :-1] for x in lp_list]), input_ids[0, 1:], len(ids_p)
+    return torch.stack([x[0, :-1] for x in lp_list]), input_ids[0, 1:], n_prompt, n_bytes
 
 
 # ---------------------------------------------------------------------------------------------- MC task

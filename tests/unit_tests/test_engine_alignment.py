@@ -164,14 +164,17 @@ def test_byte_level_evaluation_of_a_mixed_pack(mixed_paths) -> None:
     offsets = offsets[: engine.max_length // 2]
     n_p = min(32, int(0.2 * len(offsets)))
     cut, end = offsets[n_p - 1][1], offsets[-1][1]
+    text = text[:end]
     for k, m in enumerate(members):
-        ids_p = m.tokenizer(text[:cut])["input_ids"]
-        ids_r = m.tokenizer(text[cut:end], add_special_tokens=False)["input_ids"]
-        x = torch.tensor([ids_p + ids_r])
+        # the whole text encoded once; tokens starting before the cut are the prompt
+        enc = m.tokenizer(text, return_offsets_mapping=True)
+        ids, offs = enc["input_ids"], enc["offset_mapping"]
+        n_prompt = sum(1 for i, (a, _) in zip(ids, offs) if i in m.tokenizer.all_special_ids or a < cut)
+        x = torch.tensor([ids])
         with torch.no_grad():
             lp = torch.log_softmax(m.model(input_ids=x).logits[0, :-1].double(), -1)
-        nll = -float(lp[len(ids_p) - 1 :].gather(-1, x[0, len(ids_p) :, None]).sum())
-        expected = nll / math.log(2) / len(text[cut:end].encode())
+        nll = -float(lp[n_prompt - 1 :].gather(-1, x[0, n_prompt:, None]).sum())
+        expected = nll / math.log(2) / len(text[offs[n_prompt][0] :].encode())
         assert result.score(1, f"m{k}", "code") == pytest.approx(expected, rel=1e-4)
     assert math.isfinite(result.score(2, "optimal", "code"))
     assert "best-single" in result.markdown()
