@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +127,7 @@ def load_member(
                 "or a hub id such as 'gpt2'."
             )
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_id, **tokenizer_kwargs)
+            tokenizer = _as_saved(model_id, AutoTokenizer.from_pretrained(model_id, **tokenizer_kwargs))
             model = AutoModelForCausalLM.from_pretrained(model_id, **model_kwargs)
         except OSError as err:
             raise OSError(
@@ -135,6 +141,36 @@ def load_member(
         _CACHE[key] = member
         logger.info("Loaded member %s on %s", model_id, member.device)
         return Member(name or model_id, model, tokenizer)
+
+
+_PROBE = "Tokenize this:  two spaces,\ttab\nnew line, café 東京 12345 def f(x): return x**2"
+
+
+def _as_saved(path: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer exactly as its ``tokenizer.json`` defines it.
+
+    For some model types (e.g. ``qwen2``) ``AutoTokenizer`` swaps in the architecture's own tokenizer class,
+    which rebuilds the pre-tokenizer: a custom tokenizer saved beside such a model would then encode text
+    differently from how the model was trained. When a local directory's ``tokenizer.json`` encodes a probe
+    text differently from what ``AutoTokenizer`` returned, the file wins (with a warning).
+    """
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file) or not getattr(tokenizer, "is_fast", False):
+        return tokenizer
+    saved = PreTrainedTokenizerFast(
+        tokenizer_file=file,
+        model_max_length=tokenizer.model_max_length,
+        **{k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
+    )
+    if saved(_PROBE)["input_ids"] == tokenizer(_PROBE)["input_ids"]:
+        return tokenizer
+    logger.warning(
+        "AutoTokenizer loaded %s as %s, which encodes text differently from its tokenizer.json; using "
+        "the tokenizer.json as saved.",
+        path,
+        type(tokenizer).__name__,
+    )
+    return saved
 
 
 def clear_cache() -> None:
