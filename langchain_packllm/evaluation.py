@@ -143,6 +143,13 @@ class EvalResult:
         self.nll[k][method][domain] += value
         self.count[k][method][domain] += n
 
+    def finish_domain(self, domain: str, documents: int) -> None:
+        """Record how many documents a domain had, and turn its summed weights into mean weights."""
+        self.docs[domain] = documents
+        for per_domain in self.weights.values():
+            if domain in per_domain and documents:
+                per_domain[domain] = [v / documents for v in per_domain[domain]]
+
     @property
     def lower_is_better(self) -> bool:
         return self.metric in ("ppl", "bpb")
@@ -282,6 +289,54 @@ def lm_prompt_length(n_tokens: int) -> int:
     return min(32, int(0.2 * n_tokens))
 
 
+def _prepare(engine: FusionEngine, expert_texts, methods, ks):
+    """Member names, the cBTM router (when asked for and possible), the methods to run, the subsets."""
+    router = TfidfRouter(expert_texts) if expert_texts is not None and "cbtm" in methods else None
+    methods = [m for m in methods if m != "cbtm" or router is not None]
+    return engine.names, router, methods, subsets(len(engine.names), ks)
+
+
+def _score_subset(
+    result: EvalResult,
+    k: int,
+    idx: list[int],
+    n_subsets: int,
+    methods: Sequence[str],
+    prompt: tuple[torch.Tensor, torch.Tensor, str],
+    rest: tuple[torch.Tensor, torch.Tensor],
+    domain: str,
+    count: float,
+    *,
+    router: TfidfRouter | None,
+    grid_step: float,
+) -> None:
+    """Score the rest of one document with the members ``idx``: each alone when ``k == 1``, else every
+    method with weights solved on the prompt. ``count`` is what the NLL is divided by (tokens or bytes).
+
+    ``prompt`` is ``(logprobs (N, T_p, V), targets (T_p,), text)`` and ``rest`` ``(logprobs (N, T_r, V),
+    targets (T_r,))``, over all N members. Returns nothing; adds to ``result`` (averaged over subsets).
+    """
+    names = result.members
+    p_lp, p_y, prompt_text = prompt
+    r_lp, r_y = rest
+    if k == 1:
+        nll = -float(r_lp[idx[0]].gather(-1, r_y[:, None]).double().sum())
+        result.add(1, names[idx[0]], domain, nll, count)
+        return
+    for method in methods:
+        w = solve_method(
+            method, p_lp[idx], p_y, prompt_text=prompt_text,
+            member_names=[names[i] for i in idx], router=router, grid_step=grid_step,
+        )  # fmt: skip
+        fused = fused_logprobs(w, r_lp[idx], method)
+        nll = -float(fused.gather(-1, r_y[:, None]).double().sum())
+        result.add(k, method, domain, nll / n_subsets, count / n_subsets)
+        if k == len(names):
+            acc = result.weights.setdefault(method, {}).setdefault(domain, [0.0] * len(names))
+            for i, v in zip(idx, w.tolist()):
+                acc[i] += v
+
+
 def evaluate_lm(
     engine: FusionEngine,
     documents: Mapping[str, Sequence[str]],
@@ -295,10 +350,7 @@ def evaluate_lm(
     progress: bool = True,
 ) -> EvalResult:
     """Perplexity of every method on held-out ``documents`` (domain -> texts), paper protocol."""
-    names = engine.names
-    router = TfidfRouter(expert_texts) if expert_texts is not None and "cbtm" in methods else None
-    methods = [m for m in methods if m != "cbtm" or router is not None]
-    groups = subsets(len(names), ks)
+    names, router, methods, groups = _prepare(engine, expert_texts, methods, ks)
     result = EvalResult("language modelling", "ppl", names, list(documents))
     limit = max_tokens or engine.max_length or 512
     total = sum(len(d) for d in documents.values())
@@ -316,37 +368,15 @@ def evaluate_lm(
             lp_list, input_ids, _, _ = engine.member_logprobs([ids])
             lp = torch.stack([x[0, :-1] for x in lp_list])  # (N, n-1, V): position i predicts token i+1
             targets = input_ids[0, 1:]  # (n-1,)
-            p_lp, p_y = lp[:, : n_prompt - 1], targets[: n_prompt - 1]
-            r_lp, r_y = lp[:, n_prompt - 1 :], targets[n_prompt - 1 :]
-            prompt_text = engine.decode(ids[:n_prompt])
+            prompt = (lp[:, : n_prompt - 1], targets[: n_prompt - 1], engine.decode(ids[:n_prompt]))
+            rest = (lp[:, n_prompt - 1 :], targets[n_prompt - 1 :])
             for k, combos in groups.items():
                 for combo in combos:
-                    idx = list(combo)
-                    for method in methods if k > 1 else ["single"]:
-                        if method == "single":
-                            nll = -float(r_lp[idx[0]].gather(-1, r_y[:, None]).double().sum())
-                            result.add(k, names[idx[0]], domain, nll, r_y.numel())
-                            continue
-                        w = solve_method(
-                            method,
-                            p_lp[idx],
-                            p_y,
-                            prompt_text=prompt_text,
-                            member_names=[names[i] for i in idx],
-                            router=router,
-                            grid_step=grid_step,
-                        )
-                        fused = fused_logprobs(w, r_lp[idx], method)
-                        nll = -float(fused.gather(-1, r_y[:, None]).double().sum())
-                        result.add(k, method, domain, nll / len(combos), r_y.numel() / len(combos))
-                        if k == len(names):
-                            acc = result.weights.setdefault(method, {}).setdefault(domain, [0.0] * len(names))
-                            for i, v in zip(idx, w.tolist()):
-                                acc[i] += v
-        result.docs[domain] = used
-        for method in result.weights:
-            if domain in result.weights[method] and used:
-                result.weights[method][domain] = [v / used for v in result.weights[method][domain]]
+                    _score_subset(
+                        result, k, list(combo), len(combos), methods, prompt, rest, domain,
+                        rest[1].numel(), router=router, grid_step=grid_step,
+                    )  # fmt: skip
+        result.finish_domain(domain, used)
     bar.close()
     return result
 
@@ -370,10 +400,7 @@ def evaluate_lm_bytes(
     tokenization; each fusion reads the document with the reference tokenizer (the lowest bits per byte on
     the prompt within the subset) and the others through the engine's alignment.
     """
-    names = engine.names
-    router = TfidfRouter(expert_texts) if expert_texts is not None and "cbtm" in methods else None
-    methods = [m for m in methods if m != "cbtm" or router is not None]
-    groups = subsets(len(names), ks)
+    names, router, methods, groups = _prepare(engine, expert_texts, methods, ks)
     result = EvalResult("language modelling (mixed tokenizers)", "bpb", names, list(documents))
     limit = engine.max_length or 512
     first_tok = engine.members[0].tokenizer
@@ -401,21 +428,13 @@ def evaluate_lm_bytes(
                     if ref not in by_ref:
                         by_ref[ref] = _reference_logprobs(engine, ref, text, cut, limit)
                     lp, targets, n_p, n_bytes = by_ref[ref]
-                    p_lp, p_y = lp[:, : n_p - 1], targets[: n_p - 1]
-                    r_lp, r_y = lp[:, n_p - 1 :], targets[n_p - 1 :]
-                    for method in methods if k > 1 else ["single"]:
-                        if method == "single":
-                            nll = -float(r_lp[idx[0]].gather(-1, r_y[:, None]).double().sum())
-                            result.add(1, names[idx[0]], domain, nll, n_bytes)
-                            continue
-                        w = solve_method(
-                            method, p_lp[idx], p_y, prompt_text=prompt_text,
-                            member_names=[names[i] for i in idx], router=router, grid_step=grid_step,
-                        )  # fmt: skip
-                        fused = fused_logprobs(w, r_lp[idx], method)
-                        nll = -float(fused.gather(-1, r_y[:, None]).double().sum())
-                        result.add(k, method, domain, nll / len(combos), n_bytes / len(combos))
-        result.docs[domain] = used
+                    prompt = (lp[:, : n_p - 1], targets[: n_p - 1], prompt_text)
+                    rest = (lp[:, n_p - 1 :], targets[n_p - 1 :])
+                    _score_subset(
+                        result, k, idx, len(combos), methods, prompt, rest, domain, n_bytes,
+                        router=router, grid_step=grid_step,
+                    )  # fmt: skip
+        result.finish_domain(domain, used)
     bar.close()
     return result
 
@@ -496,10 +515,7 @@ def evaluate_mc(
     **question_kwargs,
 ) -> EvalResult:
     """Accuracy of every method on multiple-choice questions built from held-out ``documents``."""
-    names = engine.names
-    router = TfidfRouter(expert_texts) if expert_texts is not None and "cbtm" in methods else None
-    methods = [m for m in methods if m != "cbtm" or router is not None]
-    groups = subsets(len(names), ks)
+    names, router, methods, groups = _prepare(engine, expert_texts, methods, ks)
     questions = build_mc_questions(engine, documents, **question_kwargs)
     result = EvalResult(
         "multiple choice", "accuracy", names, [d for d in documents if any(q.domain == d for q in questions)]
