@@ -67,6 +67,9 @@ def test_lm_eval_matches_plain_protocol(engine: FusionEngine) -> None:
         assert result.score(1, "m0", domain) == pytest.approx(math.exp(nll["m0"] / count), rel=1e-4)
         assert result.score(3, "uniform", domain) == pytest.approx(math.exp(nll["uniform"] / count), rel=1e-4)
         assert result.score(3, "optimal", domain) == pytest.approx(math.exp(nll["optimal"] / count), rel=1e-3)
+    for domain in docs:  # mean weights of the full pack per domain: a point of the simplex
+        assert sum(result.weights["optimal"][domain]) == pytest.approx(1.0)
+        assert result.weights["uniform"][domain] == pytest.approx([1 / 3] * 3)
     table = result.markdown()
     assert "best-single" in table and "optimal" in table and "K=3" in table
     data = result.to_dict()
