@@ -531,6 +531,9 @@ class MemberTextState:
         pending = self.held + piece
         cut = _complete_utf8_length(pending)
         complete, self.held = pending[:cut], pending[cut:]
+        # Bytes that can never form a character (a sampled continuation byte with no lead, say) are kept as
+        # U+FFFD, as the reference's own decode shows them, so the text stays valid UTF-8 for re-encoding.
+        complete = complete.decode("utf-8", "replace").encode("utf-8")
         if complete or self.enc is None:
             self.data += complete
             self._sync(self._reencode())

@@ -195,7 +195,9 @@ class FusionEngine:
             that of the member with the lowest bits per byte on the prompt (each member scoring its own
             tokenization); the others read the reference tokens through minimum-edit-distance token maps and
             their logits are mapped back onto the reference vocabulary. ``"none"``: refuse different
-            vocabularies.
+            vocabularies. ``"prefix"`` (opt-in): every member reads its own tokens and its distributions
+            are moved onto the reference vocabulary by string prefix (``langchain_packllm.bytealign``);
+            prompts are decoded one at a time and ``loglikelihood`` is not available.
 
     Thread safety: calls are serialised by an internal lock, so concurrent callers (LangChain's thread-pool
     ``batch``) never share a cache or a random generator.
@@ -215,8 +217,8 @@ class FusionEngine:
             raise ValueError(
                 f"Member names must be unique; got {names}. Pass names=[...] to tell them apart."
             )
-        if alignment not in ("auto", "mined", "none"):
-            raise ValueError(f"alignment must be 'auto', 'mined' or 'none'; got {alignment!r}.")
+        if alignment not in ("auto", "mined", "prefix", "none"):
+            raise ValueError(f"alignment must be 'auto', 'mined', 'prefix' or 'none'; got {alignment!r}.")
         self.members = members
         self.mix_device = torch.device(mix_device) if mix_device is not None else members[0].device
         for m in members:
@@ -228,7 +230,11 @@ class FusionEngine:
                 f"Members {a!r} and {b!r} have different vocabularies and alignment='none'; use "
                 "alignment='mined' to fuse them through token maps."
             )
-        self.alignment = "mined" if alignment == "mined" or (alignment == "auto" and mismatch) else "none"
+        if alignment in ("mined", "prefix"):
+            self.alignment = alignment
+        else:
+            self.alignment = "mined" if alignment == "auto" and mismatch else "none"
+        self._aligners: dict[tuple[int, int], object] = {}
         self._maps: dict[tuple[int, int], _TokenMap | None] = {}
         self._ref = 0  # the reference member of the call in progress (always 0 without alignment)
         self.vocab_size = min(m.vocab_size for m in members)
@@ -275,6 +281,13 @@ class FusionEngine:
         if self.alignment == "none":
             return None
         key = (ref, k)
+        if self.alignment == "prefix":
+            if ref != k and not self._aligner(ref, k).identity:
+                raise RuntimeError(
+                    f"Member {self.names[k]!r} reads its own tokens under alignment='prefix'; this path "
+                    "(batched scoring, loglikelihood, evaluation) needs alignment='mined'."
+                )
+            return None
         if key not in self._maps:
             if ref == k:
                 self._maps[key] = None
@@ -287,10 +300,18 @@ class FusionEngine:
                 self._maps[key] = _TokenMap(ids.to(dev), ~torch.as_tensor(mined.exact).to(self.mix_device))
         return self._maps[key]
 
+    def _aligner(self, ref: int, k: int):
+        """The prefix aligner moving member k's distributions onto reference ``ref``'s vocabulary."""
+        if (ref, k) not in self._aligners:
+            from langchain_packllm.bytealign import PrefixAligner
+
+            self._aligners[(ref, k)] = PrefixAligner(self.members[k].tokenizer, self.members[ref].tokenizer)
+        return self._aligners[(ref, k)]
+
     def _use_reference(self, ref: int) -> None:
         """Make member ``ref``'s tokenizer the reference of the call in progress (aligned packs only)."""
         self._ref = ref
-        if self.alignment == "mined":
+        if self.alignment != "none":
             self.vocab_size = len(self.members[ref].tokenizer)
 
     def prepare_alignment(self) -> None:
@@ -588,14 +609,108 @@ class FusionEngine:
             ref, bpb = self._reference_for(prompt)
             self._use_reference(ref)
             try:
-                report = self._prefill(
-                    [prompt], weighting or WeightingConfig(), reserve=0, use_cache=False
-                ).reports[0]
+                if self.alignment == "prefix":
+                    report = self._prefix_prefill(prompt, weighting or WeightingConfig())[1]
+                else:
+                    report = self._prefill(
+                        [prompt], weighting or WeightingConfig(), reserve=0, use_cache=False
+                    ).reports[0]
             finally:
                 self._use_reference(0)
             if bpb is not None:
                 report.bits_per_byte = dict(zip(self.names, bpb))
             return report
+
+    # ------------------------------------------------------------------ prefix alignment (opt-in)
+
+    def _prefix_prefill(self, prompt: str, config: WeightingConfig):
+        """Weights for one prompt under ``alignment="prefix"``: every member reads its own tokens and its
+        distributions are moved onto the reference vocabulary by string prefix (see ``bytealign``).
+
+        Returns ``(weights (K,), report, reference encoding)``.
+        """
+        from langchain_packllm import bytealign
+
+        ref, K = self._ref, len(self.members)
+        aligners = {k: self._aligner(ref, k) for k in range(K)}
+        if not prompt:
+            raise ValueError("alignment='prefix' needs a non-empty prompt.")
+        for m in self.members:
+            n = len(m.tokenizer(prompt)["input_ids"])
+            if m.max_length is not None and n >= m.max_length:
+                raise ValueError(
+                    f"Prompt of {n} tokens does not fit member {m.name!r}'s context ({m.max_length}); "
+                    "alignment='prefix' does not truncate: shorten the prompt or use alignment='mined'."
+                )
+        lp, r_enc = bytealign.reference_logprobs(self.members, ref, prompt, aligners)  # (K, T, V_ref)
+        lp = bytealign.smooth_logprobs(lp).to(self.mix_device)
+        targets = torch.tensor(r_enc.ids[r_enc.n_special :], device=self.mix_device)  # (T,)
+        w, report = self._solve(lp, targets, config, None)
+        report.prompt_tokens = len(r_enc.ids)
+        report.reference = self.names[ref]
+        return w, report, r_enc
+
+    def _decode_prefix(
+        self, prompts: Sequence[str], weighting: WeightingConfig, sampling: SamplingConfig, track_text=True
+    ) -> Iterator[tuple[list[_Row], list[FusionReport]]]:
+        """``_decode`` for one prompt under ``alignment="prefix"``: the reference (and members sharing its
+        tokenizer) decode with their KV caches as usual; every other member follows the growing text with
+        its own tokens (``bytealign.MemberTextState``: re-encode a tail window, crop its cache, forward the
+        new tokens) and the reference's row as prior. All rows are smoothed before the mix (Eq. 1)."""
+        from langchain_packllm import bytealign
+
+        (prompt,) = prompts
+        ref = self._ref
+        w, report, r_enc = self._prefix_prefill(prompt, weighting)
+        row = _Row()
+        limit = self.members[ref].max_length
+        if limit is not None:
+            row.budget = limit - len(r_enc.ids)
+        if sampling.max_new_tokens == 0:
+            yield [row], [report]
+            return
+        direct = [k for k in range(len(self.members)) if k == ref or self._aligner(ref, k).identity]
+        states = {
+            k: bytealign.MemberTextState(m.model, m.tokenizer, self._aligner(ref, k))
+            for k, m in enumerate(self.members)
+            if k not in direct
+        }
+        sequences = torch.tensor([r_enc.ids], device=self.mix_device)  # (1, L + t)
+        mask = torch.ones_like(sequences)
+        positions = torch.arange(sequences.shape[1], device=self.mix_device)[None]
+        caches = {k: DynamicCache(config=self.members[k].model.config) for k in direct}
+        rows = {
+            k: self._last_logprobs(self._logits(k, sequences, mask, positions, caches[k])) for k in direct
+        }
+        rows = {k: v.to(self.mix_device) for k, v in rows.items()}
+        prior = rows[ref]
+        with torch.inference_mode():
+            rows.update({k: st.start(prompt, prior=prior).to(self.mix_device) for k, st in states.items()})
+        weights = w.to(self.mix_device, prior.dtype)[None]  # (1, K)
+        eos = self.members[ref].eos_token_ids
+        processors = sampling.processors()
+        generator = None
+        if sampling.temperature > 0 and sampling.seed is not None:
+            generator = torch.Generator(device=self.mix_device).manual_seed(int(sampling.seed))
+        surfaces = self._aligner(ref, ref).reference.surfaces
+        positions = positions[:, -1:] + 1
+        for step in range(sampling.max_new_tokens):
+            lps = [bytealign.smooth_logprobs(rows[k]) for k in range(len(self.members))]
+            next_ids = self._choose(processors, sequences, weights, lps, sampling, generator)  # (1,)
+            self._advance(row, int(next_ids[0]), eos, sampling.stop, track_text)
+            yield [row], [report]
+            if row.done or step == sampling.max_new_tokens - 1:
+                return
+            sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            for k in direct:
+                logits = self._logits(k, next_ids[:, None], mask, positions, caches[k])
+                rows[k] = self._last_logprobs(logits).to(self.mix_device)
+            positions = positions + 1
+            piece = surfaces[int(next_ids[0])] or b""  # a special token adds no text
+            with torch.inference_mode():
+                for k, st in states.items():
+                    rows[k] = st.append(piece, prior=rows[ref]).to(self.mix_device)
 
     # ------------------------------------------------------------------ decoding
 
@@ -700,7 +815,12 @@ class FusionEngine:
                     self._use_reference(ref)
                     group = [prompts[i] for i in indices]
                     # run to the last step; text is decoded once at the end unless stop sequences need it
-                    *_, (rows, reports) = self._decode(group, weighting, sampling, track_text=False)
+                    if self.alignment == "prefix":  # one prompt at a time: each member follows its text
+                        steps = [list(self._decode_prefix([p], weighting, sampling))[-1] for p in group]
+                        rows = [r for rs, _ in steps for r in rs]
+                        reports = [rep for _, reps in steps for rep in reps]
+                    else:
+                        *_, (rows, reports) = self._decode(group, weighting, sampling, track_text=False)
                     for i, r, rep, bpb in zip(indices, rows, reports, bpbs):
                         if bpb is not None:
                             rep.bits_per_byte = dict(zip(self.names, bpb))
@@ -723,7 +843,8 @@ class FusionEngine:
             ref, bpb = self._reference_for(prompt)
             self._use_reference(ref)
             try:
-                for rows, reports in self._decode([prompt], weighting, sampling):  # noqa: B007
+                decode = self._decode_prefix if self.alignment == "prefix" else self._decode
+                for rows, reports in decode([prompt], weighting, sampling):  # noqa: B007
                     row = rows[0]
                     if row.done:
                         break

@@ -215,6 +215,18 @@ def test_incomplete_utf8_is_held_back(toks, models_) -> None:
     assert state.held == b"" and state.data == "x = 'é".encode()
 
 
+def test_bytes_that_can_never_form_a_character_become_replacement_chars(toks, models_) -> None:
+    aligner = PrefixAligner(toks["sp"], toks["bl"])
+    state = MemberTextState(models_["sp"], toks["sp"], aligner)
+    state.start("x = '")
+    out = state.append(b"\xcc")  # a lead byte: held back, it may still become a character
+    assert state.held == b"\xcc"
+    out = state.append(b"a")  # it did not: kept as U+FFFD, the text stays valid UTF-8
+    assert state.held == b"" and state.data == "x = '\ufffda".encode()
+    assert torch.logsumexp(out, -1).item() == pytest.approx(0.0, abs=1e-5)
+    assert state.enc.ids == encode_text(toks["sp"], "x = '\ufffda").ids
+
+
 def test_reference_logprobs_stacks_every_member_on_the_reference_rows(toks, models_) -> None:
     from types import SimpleNamespace
 

@@ -178,3 +178,56 @@ def test_byte_level_evaluation_of_a_mixed_pack(mixed_paths) -> None:
         assert result.score(1, f"m{k}", "code") == pytest.approx(expected, rel=1e-4)
     assert math.isfinite(result.score(2, "optimal", "code"))
     assert "best-single" in result.markdown()
+
+
+def naive_prefix_greedy(members, ref: int, weights, prompt: str, n: int) -> list[int]:
+    """alignment='prefix' recomputed from scratch at every step: the reference (no cache) on its ids, and
+    every other member re-reading the whole text so far with a fresh text state."""
+    from langchain_packllm import bytealign
+
+    ref_tok = members[ref].tokenizer
+    enc = bytealign.encode_text(ref_tok, prompt)
+    ids, text_bytes, out = list(enc.ids), b"", []
+    aligners = {k: bytealign.PrefixAligner(m.tokenizer, ref_tok) for k, m in enumerate(members)}
+    with torch.no_grad():
+        for _ in range(n):
+            logits = members[ref].model(input_ids=torch.tensor([ids])).logits[0, -1, : len(ref_tok)]
+            prior = torch.log_softmax(logits.double(), -1)[None]
+            fused = 0
+            for k, (w, m) in enumerate(zip(weights, members)):
+                if k == ref:
+                    row = prior
+                else:
+                    state = bytealign.MemberTextState(m.model, m.tokenizer, aligners[k])
+                    state.start(prompt, prior=prior if not text_bytes else None)
+                    row = state.append(text_bytes, prior=prior) if text_bytes else state.logprobs(prior)
+                fused = fused + w * bytealign.smooth_logprobs(row.double())
+            nxt = int(torch.argmax(fused))
+            if nxt == ref_tok.eos_token_id:
+                break
+            out.append(nxt)
+            ids.append(nxt)
+            text_bytes += aligners[ref].reference.surfaces[nxt] or b""
+    return out
+
+
+def test_prefix_alignment_decode_equals_recomputation(mixed64) -> None:
+    engine = FusionEngine(mixed64, alignment="prefix")
+    w = [0.5, 0.5]
+    for prompt in PROMPTS[:2]:
+        out = engine.generate([prompt], WeightingConfig(w), SamplingConfig(max_new_tokens=6))[0]
+        ref = engine.names.index(out.report.reference)
+        assert out.token_ids == naive_prefix_greedy(mixed64, ref, w, prompt, 6), prompt
+        chunks = list(engine.stream(prompt, WeightingConfig(w), SamplingConfig(max_new_tokens=6)))
+        assert "".join(c.text for c in chunks) == out.text
+
+
+def test_prefix_alignment_reports_and_refuses_scoring(mixed64) -> None:
+    engine = FusionEngine(mixed64, alignment="prefix")
+    report = engine.report(PROMPTS[0], WeightingConfig("optimal"))
+    assert report.reference in engine.names and sum(report.weights.values()) == pytest.approx(1.0)
+    assert all(math.isfinite(p) for p in report.perplexities.values())
+    outs = engine.generate(PROMPTS, WeightingConfig("optimal"), SamplingConfig(max_new_tokens=4))
+    assert [o.report.reference for o in outs] and all(len(o.token_ids) <= 4 for o in outs)
+    with pytest.raises(RuntimeError, match="alignment='mined'"):
+        engine.loglikelihood([("import os", " sys")])
