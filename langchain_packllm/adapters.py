@@ -9,10 +9,11 @@ share: the settings fields, building the engine's configs, loading, and the repo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import torch
+from langchain_core.runnables.config import run_in_executor
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -53,6 +54,19 @@ def load_engine(
         for i, mid in enumerate(model_ids)
     ]
     return FusionEngine(members, alignment=alignment)
+
+
+async def astream_in_executor(iterator: Iterator[Any], run_manager: Any) -> AsyncIterator[Any]:
+    """Drive a synchronous chunk iterator (the engine's stream) from async code, one ``next`` per executor
+    call, firing the async run manager's token callback for each chunk with text."""
+    done = object()
+    while True:
+        chunk = await run_in_executor(None, next, iterator, done)
+        if chunk is done:
+            break
+        if run_manager is not None and chunk.text:
+            await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        yield chunk
 
 
 def report_info(output: FusionOutput) -> dict[str, Any]:

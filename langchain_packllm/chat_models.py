@@ -55,7 +55,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import Field, SecretStr, model_validator
 
-from langchain_packllm.adapters import PackSettings, report_info
+from langchain_packllm.adapters import PackSettings, astream_in_executor, report_info
 from langchain_packllm.constrained import (
     GrammarLogitsProcessor,
     json_schema_grammar,
@@ -353,14 +353,7 @@ class ChatPackLLM(PackSettings, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        iterator = self._stream(messages, stop, None, **kwargs)
-        done = object()
-        while True:
-            chunk = await run_in_executor(None, next, iterator, done)
-            if chunk is done:
-                break
-            if run_manager is not None and chunk.text:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        async for chunk in astream_in_executor(self._stream(messages, stop, None, **kwargs), run_manager):
             yield chunk
 
 

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -307,6 +308,15 @@ class FusionEngine:
 
             self._aligners[(ref, k)] = PrefixAligner(self.members[k].tokenizer, self.members[ref].tokenizer)
         return self._aligners[(ref, k)]
+
+    @contextlib.contextmanager
+    def _reference(self, ref: int) -> Iterator[None]:
+        """Read and write member ``ref``'s vocabulary for the duration of a block (then member 0's again)."""
+        self._use_reference(ref)
+        try:
+            yield
+        finally:
+            self._use_reference(0)
 
     def _use_reference(self, ref: int) -> None:
         """Make member ``ref``'s tokenizer the reference of the call in progress (aligned packs only)."""
@@ -607,16 +617,13 @@ class FusionEngine:
         """The weights and perplexities the pack would use for ``prompt`` (prefill only, no decoding)."""
         with self._lock:
             ref, bpb = self._reference_for(prompt)
-            self._use_reference(ref)
-            try:
+            with self._reference(ref):
                 if self.alignment == "prefix":
                     report = self._prefix_prefill(prompt, weighting or WeightingConfig())[1]
                 else:
                     report = self._prefill(
                         [prompt], weighting or WeightingConfig(), reserve=0, use_cache=False
                     ).reports[0]
-            finally:
-                self._use_reference(0)
             if bpb is not None:
                 report.bits_per_byte = dict(zip(self.names, bpb))
             return report
@@ -810,9 +817,8 @@ class FusionEngine:
         weighting, sampling = weighting or WeightingConfig(), sampling or SamplingConfig()
         outputs: list[FusionOutput | None] = [None] * len(prompts)
         with self._lock:
-            try:
-                for ref, (indices, bpbs) in self._by_reference(prompts).items():
-                    self._use_reference(ref)
+            for ref, (indices, bpbs) in self._by_reference(prompts).items():
+                with self._reference(ref):
                     group = [prompts[i] for i in indices]
                     # run to the last step; text is decoded once at the end unless stop sequences need it
                     if self.alignment == "prefix":  # one prompt at a time: each member follows its text
@@ -826,8 +832,6 @@ class FusionEngine:
                             rep.bits_per_byte = dict(zip(self.names, bpb))
                         text = r.text if sampling.stop else self.decode(r.ids)
                         outputs[i] = FusionOutput(text, list(r.ids), r.finish_reason, rep)
-            finally:
-                self._use_reference(0)
         return outputs
 
     def stream(
@@ -841,8 +845,7 @@ class FusionEngine:
         weighting, sampling = weighting or WeightingConfig(), sampling or SamplingConfig()
         with self._lock:
             ref, bpb = self._reference_for(prompt)
-            self._use_reference(ref)
-            try:
+            with self._reference(ref):
                 decode = self._decode_prefix if self.alignment == "prefix" else self._decode
                 for rows, reports in decode([prompt], weighting, sampling):  # noqa: B007
                     row = rows[0]
@@ -852,8 +855,6 @@ class FusionEngine:
                     if safe > row.emitted:
                         yield StreamChunk(row.text[row.emitted : safe])
                         row.emitted = safe
-            finally:
-                self._use_reference(0)
         if bpb is not None:
             reports[0].bits_per_byte = dict(zip(self.names, bpb))
         output = FusionOutput(row.text, list(row.ids), row.finish_reason, reports[0])
@@ -869,13 +870,10 @@ class FusionEngine:
         weighting = weighting or WeightingConfig()
         results = []
         with self._lock:
-            try:
-                for context, continuation in requests:
-                    ref, bpb = self._reference_for(context)
-                    self._use_reference(ref)
+            for context, continuation in requests:
+                ref, bpb = self._reference_for(context)
+                with self._reference(ref):
                     results.append(self._loglikelihood_one(context, continuation, weighting, bpb))
-            finally:
-                self._use_reference(0)
         return results
 
     def _loglikelihood_one(

@@ -454,11 +454,8 @@ def _reference_logprobs(engine: FusionEngine, ref: int, text: str, cut: int, lim
     n_prompt = sum(1 for i, (start, _) in zip(ids, offsets) if i in specials or start < cut)
     rest_start = offsets[n_prompt][0] if n_prompt < len(ids) else len(text)
     n_bytes = len(text[rest_start : offsets[-1][1]].encode("utf-8"))
-    engine._use_reference(ref)
-    try:
+    with engine._reference(ref):
         lp_list, input_ids, _, _ = engine.member_logprobs([ids])
-    finally:
-        engine._use_reference(0)
     return torch.stack([x[0, :-1] for x in lp_list]), input_ids[0, 1:], n_prompt, n_bytes
 
 

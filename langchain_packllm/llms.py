@@ -23,7 +23,7 @@ from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from langchain_core.runnables.config import run_in_executor
 
-from langchain_packllm.adapters import PackSettings, report_info
+from langchain_packllm.adapters import PackSettings, astream_in_executor, report_info
 
 
 class PackLLM(PackSettings, LLM):
@@ -100,14 +100,7 @@ class PackLLM(PackSettings, LLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
-        iterator = self._stream(prompt, stop, None, **kwargs)
-        done = object()
-        while True:
-            chunk = await run_in_executor(None, next, iterator, done)
-            if chunk is done:
-                break
-            if run_manager is not None and chunk.text:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        async for chunk in astream_in_executor(self._stream(prompt, stop, None, **kwargs), run_manager):
             yield chunk
 
     # ------------------------------------------------------------------ tokens and diagnostics

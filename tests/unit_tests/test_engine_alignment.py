@@ -102,13 +102,10 @@ def test_mined_decode_equals_naive_recipe(mixed64, ref: int) -> None:
     engine = FusionEngine(mixed64)
     w = [0.6, 0.4]
     for prompt in PROMPTS:
-        engine._use_reference(ref)
-        try:
+        with engine._reference(ref):
             *_, (rows, reports) = engine._decode(
                 [prompt], WeightingConfig(w), SamplingConfig(max_new_tokens=8)
             )
-        finally:
-            engine._use_reference(0)
         assert rows[0].ids == naive_mined_greedy(mixed64, ref, w, prompt, 8), (ref, prompt)
 
 
