@@ -597,27 +597,45 @@ class MinEDMap:
             use_cache: False to always build and never read or write the cache.
         """
         src, dst = tokenizer_surfaces(src_tokenizer), tokenizer_surfaces(dst_tokenizer)
-        key = _cache_key("mined", MINED_VERSION, src, dst)
-        path = Path(cache_dir or default_cache_dir()) / f"mined-{key[:40]}.npz"
-        if use_cache:
-            expected = {"ids": ((src.vocab_size,), np.int64), "exact": ((src.vocab_size,), np.bool_)}
-            cached = _load_checked(path, key, expected)
-            if cached is not None and _ids_in_range(cached["ids"], dst.vocab_size, path):
-                return cls(cached["ids"], cached["exact"], dst.vocab_size, key=key, from_cache=True)
-        started = time.perf_counter()
-        ids, exact = _build_mined(src, dst)
-        seconds = time.perf_counter() - started
-        logger.info(
-            "Built MinED map %d -> %d tokens in %.1f s: %.1f%% exact (%s).",
-            src.vocab_size,
-            dst.vocab_size,
-            seconds,
-            100 * exact.mean(),
-            path.name,
+        (ids, exact), key, seconds, hit = _cached_map(
+            "mined", MINED_VERSION, src, dst, ("ids", "exact"), _build_mined, cache_dir, use_cache
         )
-        if use_cache:
-            _save_atomic(path, key, {"ids": ids, "exact": exact})
-        return cls(ids, exact, dst.vocab_size, key=key, build_seconds=seconds)
+        return cls(ids, exact, dst.vocab_size, key=key, from_cache=hit, build_seconds=seconds)
+
+
+def _cached_map(
+    kind: str,
+    version: int,
+    src: TokenizerSurfaces,
+    dst: TokenizerSurfaces,
+    names: tuple[str, str],
+    build,
+    cache_dir: str | Path | None,
+    use_cache: bool,
+) -> tuple[tuple[np.ndarray, np.ndarray], str, float, bool]:
+    """Load a (src -> dst) map from the checked disk cache, or build it with ``build(src, dst)`` and cache it.
+
+    A map is two ``(V_src,)`` arrays named ``names``: destination ids (int64, checked to lie in
+    ``[0, V_dst)``) and a boolean flag. Returns ``((ids, flags), key, build_seconds, from_cache)``.
+    """
+    key = _cache_key(kind, version, src, dst)
+    path = Path(cache_dir or default_cache_dir()) / f"{kind}-{key[:40]}.npz"
+    ids_name, flag_name = names
+    if use_cache:
+        expected = {ids_name: ((src.vocab_size,), np.int64), flag_name: ((src.vocab_size,), np.bool_)}
+        cached = _load_checked(path, key, expected)
+        if cached is not None and _ids_in_range(cached[ids_name], dst.vocab_size, path):
+            return (cached[ids_name], cached[flag_name]), key, 0.0, True
+    started = time.perf_counter()
+    ids, flags = build(src, dst)
+    seconds = time.perf_counter() - started
+    logger.info(
+        "Built %s map %d -> %d tokens in %.1f s: %.1f%% %s (%s).",
+        kind, src.vocab_size, dst.vocab_size, seconds, 100 * flags.mean(), flag_name, path.name,
+    )  # fmt: skip
+    if use_cache:
+        _save_atomic(path, key, {ids_name: ids, flag_name: flags})
+    return (ids, flags), key, seconds, False
 
 
 def _ids_in_range(ids: np.ndarray, size: int, path: Path) -> bool:
@@ -811,27 +829,11 @@ class PrefixMap:
         """Load the (src -> dst) prefix map from the disk cache, or build and cache it
         (arguments as :meth:`MinEDMap.from_tokenizers`)."""
         src, dst = tokenizer_surfaces(src_tokenizer), tokenizer_surfaces(dst_tokenizer)
-        key = _cache_key("prefix", PREFIX_VERSION, src, dst)
-        path = Path(cache_dir or default_cache_dir()) / f"prefix-{key[:40]}.npz"
-        if use_cache:
-            expected = {"dst_index": ((src.vocab_size,), np.int64), "whole": ((src.vocab_size,), np.bool_)}
-            cached = _load_checked(path, key, expected)
-            if cached is not None and _ids_in_range(cached["dst_index"], dst.vocab_size, path):
-                return cls(cached["dst_index"], cached["whole"], dst.vocab_size, key=key, from_cache=True)
-        started = time.perf_counter()
-        dst_index, whole = _build_prefix_assignment(src, dst)
-        seconds = time.perf_counter() - started
-        logger.info(
-            "Built prefix map %d -> %d tokens in %.1f s: %.1f%% whole-token matches (%s).",
-            src.vocab_size,
-            dst.vocab_size,
-            seconds,
-            100 * whole.mean(),
-            path.name,
-        )
-        if use_cache:
-            _save_atomic(path, key, {"dst_index": dst_index, "whole": whole})
-        return cls(dst_index, whole, dst.vocab_size, key=key, build_seconds=seconds)
+        (dst_index, whole), key, seconds, hit = _cached_map(
+            "prefix", PREFIX_VERSION, src, dst, ("dst_index", "whole"), _build_prefix_assignment,
+            cache_dir, use_cache,
+        )  # fmt: skip
+        return cls(dst_index, whole, dst.vocab_size, key=key, from_cache=hit, build_seconds=seconds)
 
 
 __all__ = [
