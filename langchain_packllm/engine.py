@@ -165,12 +165,13 @@ class LoglikelihoodResult:
 @dataclass
 class _Prefill:
     caches: list[DynamicCache]
-    attention_mask: torch.Tensor  # (B, L) on the mix device
-    next_positions: torch.Tensor  # (B, 1) position id of the next token
+    attention_mask: torch.Tensor | None  # (B, L) on the mix device; None when no row is padded
+    next_positions: torch.Tensor | None  # (B, 1) position id of the next token; None when no padding
     weights: torch.Tensor  # (B, K) on the mix device
-    last_logprobs: list[torch.Tensor]  # K x (B, V): each member's next-token log-probs
+    last_scores: list[torch.Tensor]  # K x (B, V): each member's next-token logits (raw)
     reports: list[FusionReport]
     input_ids: torch.Tensor  # (B, L) left-padded prompt ids, mix device
+    active: list[int]  # members with a nonzero weight in some row: the only ones decoding runs
 
 
 @dataclass
@@ -240,6 +241,7 @@ class FusionEngine:
         self._ref = 0  # the reference member of the call in progress (always 0 without alignment)
         self.vocab_size = min(m.vocab_size for m in members)
         self._use_reference(0)  # aligned packs: the reference vocabulary's size
+        self._heads: dict[int, _LinearHead | None] = {}
         self._lock = threading.Lock()  # not an RLock: async streams resume on other threads
         self._set_device_groups(_device_groups(members))
 
@@ -406,26 +408,41 @@ class FusionEngine:
     # ------------------------------------------------------------------ forward passes
 
     @torch.inference_mode()
-    def _logits(self, k: int, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+    def _logits(
+        self, k: int, input_ids, attention_mask, position_ids, cache, *, hidden: bool = False
+    ) -> torch.Tensor:
         """Member k's forward on reference token ids: its logits over the reference vocabulary ``(B, L, V)``,
         on its own device and in its own dtype. Members of another vocabulary read and write through their
-        MinED token map."""
+        MinED token map. ``hidden=True`` runs the base model only and returns its last hidden state
+        ``(B, L, H)`` (see :meth:`_linear_head`)."""
         member = self.members[k]
         dev = member.device
         input_ids = input_ids.to(dev)
         token_map = self._token_map(self._ref, k)
         if token_map is not None:
             input_ids = token_map.ids[input_ids]  # reference ids -> member ids
-        out = member.model(
+        module = self._linear_head(k).base if hidden else member.model
+        out = module(
             input_ids=input_ids,
-            attention_mask=attention_mask.to(dev),
-            position_ids=position_ids.to(dev),
+            attention_mask=None if attention_mask is None else attention_mask.to(dev),
+            position_ids=None if position_ids is None else position_ids.to(dev),
             past_key_values=cache,
             use_cache=cache is not None,
         )
+        if hidden:
+            return out.last_hidden_state
         if token_map is not None:
             return out.logits.index_select(-1, token_map.ids)  # member logits -> reference vocabulary
         return out.logits[..., : self.vocab_size]
+
+    def _linear_head(self, k: int) -> _LinearHead | None:
+        """Member k's output layer when its logits are exactly ``base(x).last_hidden_state @ W.T + b`` (the
+        shape of every ``*ForCausalLM`` without logit scaling or soft-capping), checked once against the
+        model's own forward on a few tokens; else None. Then the prefill writes the prompt's logits straight
+        into the solve buffer (one matrix product) instead of copying the model's own ``(B, L, V)`` output."""
+        if k not in self._heads:
+            self._heads[k] = _linear_head(self.members[k])
+        return self._heads[k]
 
     @staticmethod
     def _last_logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -433,48 +450,39 @@ class FusionEngine:
         last = logits[:, -1]
         return torch.log_softmax(last.to(torch.promote_types(last.dtype, torch.float32)), dim=-1)
 
-    def _run_members(self, fn: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
-        """``[fn(k) for k in members]``; with members on several devices, one thread per device."""
+    def _run_members(
+        self, fn: Callable[[int], torch.Tensor], active: Sequence[int] | None = None
+    ) -> list[torch.Tensor | None]:
+        """``[fn(k) for k in members]`` (``None`` for members not in ``active``, when given); with members on
+        several devices, one thread per device."""
+        K = len(self.members)
+        wanted = range(K) if active is None else sorted(set(active))
+        out: list[torch.Tensor | None] = [None] * K
         if self._pool is None:
-            return [fn(k) for k in range(len(self.members))]
+            for k in wanted:
+                out[k] = fn(k)
+            return out
 
         def run_group(group: list[int]) -> list[torch.Tensor]:
             with torch.inference_mode():
                 return [fn(k) for k in group]
 
-        out: list[torch.Tensor | None] = [None] * len(self.members)
-        futures = [(group, self._pool.submit(run_group, group)) for group in self._groups]
+        groups = [[k for k in g if k in wanted] for g in self._groups]
+        futures = [(group, self._pool.submit(run_group, group)) for group in groups if group]
         for group, future in futures:
             for k, value in zip(group, future.result()):
                 out[k] = value
-        return out  # type: ignore[return-value]
+        return out
 
-    def _to_mix(self, logprobs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Bring K next-token log-probs ``(B, V)`` to the mix device and refuse NaN, naming the member.
-
-        A NaN or +inf logit makes its whole log-softmax row NaN, so checking one column is enough.
-        """
-        logprobs = [lp.to(self.mix_device) for lp in logprobs]
-        if bool(torch.stack([lp[:, 0] for lp in logprobs]).isnan().any()):
-            bad = next(m for m, lp in zip(self.members, logprobs) if bool(lp[:, 0].isnan().any()))
-            raise FloatingPointError(
-                f"Member {bad.name!r} produced NaN logits; check its weights and dtype (float16 overflow "
-                "is a common cause: try torch_dtype='bfloat16' or 'float32')."
-            )
-        return logprobs
-
-    def _step(self, next_ids, mask, positions, caches) -> list[torch.Tensor]:
-        """One cached decode step of every member: K next-token log-probs ``(B, V)`` on the mix device.
-
-        Each member's log-softmax runs on its own device; only ``(B, V)`` crosses to the mix device, after
-        every member's forward has been issued.
-        """
+    def _step(self, next_ids, mask, positions, caches, active: Sequence[int]) -> list[torch.Tensor | None]:
+        """One cached decode step of the ``active`` members: their raw next-token logits ``(B, V)``, on
+        their own devices (``None`` for the others, whose weight is 0 in every row: their forward is
+        skipped, and their cache, never read again, falls behind)."""
 
         def one(k: int) -> torch.Tensor:
-            logits = self._logits(k, next_ids, mask, positions, caches[k])
-            return self._last_logprobs(logits)
+            return self._logits(k, next_ids, mask, positions, caches[k])[:, -1]
 
-        return self._to_mix(self._run_members(one))
+        return self._run_members(one, active)
 
     def _pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad: ``(B, L)`` ids and attention mask on the mix device."""
@@ -501,25 +509,50 @@ class FusionEngine:
 
         Returns ``(scores, input_ids, attention_mask, caches, last)``: ``scores`` is ``(K, B, L, V)`` raw
         logits (at least float32) on the mix device, written member by member into one buffer so that no
-        member's logits are held twice; ``last`` is K next-token log-probs ``(B, V)``. The weight solve
-        works on raw logits (they give the same fused distribution as log-probs), so the prompt positions
-        are never log-softmaxed.
+        member's logits are held twice; ``last`` is a copy of the last position's ``(K, B, V)``. The weight
+        solve works on raw logits (they give the same fused distribution as log-probs), so the prompt
+        positions are never log-softmaxed. ``-inf`` logits are raised to the dtype's lowest finite value,
+        so that a member with weight 0 contributes 0, not NaN, to the mix. A batch without padding
+        (e.g. one prompt) is run without attention mask and position ids, as a member alone would be.
         """
         input_ids, mask = self._pad(batch)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        padded = any(len(ids) != input_ids.shape[1] for ids in batch)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) if padded else None
         dtype = torch.float32
         for m in self.members:
             dtype = torch.promote_types(dtype, m.model.dtype)
+        lowest = torch.finfo(dtype).min
         K, (B, L) = len(self.members), input_ids.shape
         scores = torch.empty((K, B, L, self.vocab_size), dtype=dtype, device=self.mix_device)
         caches = [DynamicCache(config=m.model.config) if use_cache else None for m in self.members]
 
-        def one(k: int) -> torch.Tensor:
-            logits = self._logits(k, input_ids, mask, positions, caches[k])
-            scores[k].copy_(logits)
-            return self._last_logprobs(logits)
+        def one(k: int) -> None:
+            args = (input_ids, mask if padded else None, positions, caches[k])
+            head = self._linear_head(k) if self._token_map(self._ref, k) is None else None
+            if head is None:
+                logits = self._logits(k, *args)
+                if logits.dtype == dtype and logits.device == scores.device:
+                    torch.clamp(logits, min=lowest, out=scores[k])
+                else:
+                    scores[k].copy_(logits).clamp_min_(lowest)
+                return
+            h = self._logits(k, *args, hidden=True).flatten(0, 1)  # (B*L, H)
+            weight = head.weight[: self.vocab_size]
+            bias = None if head.bias is None else head.bias[: self.vocab_size]
+            out = scores[k].view(B * L, -1)
+            with torch.no_grad():
+                if h.device != scores.device:
+                    out.copy_(torch.nn.functional.linear(h, weight, bias)).clamp_min_(lowest)
+                elif h.dtype == dtype:  # a linear layer: finite, no clamp
+                    if bias is None:
+                        torch.mm(h, weight.T, out=out)
+                    else:
+                        torch.addmm(bias, h, weight.T, out=out)
+                else:
+                    _mm_upcast(h, weight, bias, out)
 
-        last = self._to_mix(self._run_members(one))
+        self._run_members(one)
+        last = scores[:, :, -1].clone()  # (K, B, V): the buffer is freed after the solve
         return scores, input_ids, mask, caches, last
 
     # ------------------------------------------------------------------ weights
@@ -582,10 +615,16 @@ class FusionEngine:
             self._note_alignment(report, input_ids[b, first:])
             rows_w.append(w)
             reports.append(report)
-        del scores  # decoding needs only the caches and the last log-probs
-        weights = torch.stack(rows_w).to(self.mix_device, last[0].dtype)  # (B, K)
-        positions = mask.sum(-1, keepdim=True)  # (B, 1)
-        return _Prefill(caches, mask, positions, weights, last, reports, input_ids)
+        del scores  # decoding needs only the caches and the last logits
+        weights = torch.stack(rows_w)  # (B, K) float64, host
+        active = [k for k in range(weights.shape[1]) if bool(weights[:, k].any())]
+        weights = weights.to(self.mix_device, last.dtype)
+        padded = len({len(ids) for ids in batch}) > 1
+        last_scores = [last[k] if k in active else None for k in range(len(self.members))]
+        positions = mask.sum(-1, keepdim=True) if padded else None  # (B, 1)
+        return _Prefill(
+            caches, mask if padded else None, positions, weights, last_scores, reports, input_ids, active
+        )
 
     def _note_alignment(
         self, report: FusionReport, ids: torch.Tensor, bpb: list[float] | None = None
@@ -703,8 +742,8 @@ class FusionEngine:
         positions = positions[:, -1:] + 1
         for step in range(sampling.max_new_tokens):
             lps = [bytealign.smooth_logprobs(rows[k]) for k in range(len(self.members))]
-            next_ids = self._choose(processors, sequences, weights, lps, sampling, generator)  # (1,)
-            self._advance(row, int(next_ids[0]), eos, sampling.stop, track_text)
+            next_ids, (token,) = self._choose(processors, sequences, weights, lps, sampling, generator)
+            self._advance(row, token, eos, sampling.stop, track_text)
             yield [row], [report]
             if row.done or step == sampling.max_new_tokens - 1:
                 return
@@ -714,7 +753,7 @@ class FusionEngine:
                 logits = self._logits(k, next_ids[:, None], mask, positions, caches[k])
                 rows[k] = self._last_logprobs(logits).to(self.mix_device)
             positions = positions + 1
-            piece = surfaces[int(next_ids[0])] or b""  # a special token adds no text
+            piece = surfaces[token] or b""  # a special token adds no text
             with torch.inference_mode():
                 for k, st in states.items():
                     rows[k] = st.append(piece, prior=rows[ref]).to(self.mix_device)
@@ -722,12 +761,23 @@ class FusionEngine:
     # ------------------------------------------------------------------ decoding
 
     @staticmethod
-    def _mix(weights: torch.Tensor, logprobs: list[torch.Tensor]) -> torch.Tensor:
-        """Eq. 1 in log space: ``sum_k w_k log p_k``, ``(B, K), K x (B, V) -> (B, V)``."""
-        fused = weights[:, 0:1] * logprobs[0]
-        for k in range(1, len(logprobs)):
-            fused = fused + weights[:, k : k + 1] * logprobs[k]
-        return fused
+    def _mix(weights: torch.Tensor, scores: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Eq. 1: the fused next-token log-probs ``log_softmax(sum_k w_k s_k)``, ``(B, K), K x (B, V) ->
+        (B, V)``, where ``s_k`` are member k's logits or log-probs (the same distribution: a per-row shift
+        of ``s_k`` cancels in the softmax). Members given as ``None`` have weight 0 in every row.
+
+        ``-inf`` scores are raised to the lowest finite value first, so that a member with weight 0 adds 0,
+        not NaN. A NaN or +inf score makes the whole row NaN (the log-softmax subtracts the row maximum),
+        which is how :meth:`_choose` detects it.
+        """
+        first = next(s for s in scores if s is not None)
+        dtype = torch.promote_types(first.dtype, torch.float32)
+        lowest = torch.finfo(dtype).min
+        fused = torch.zeros(first.shape, dtype=dtype, device=weights.device)
+        for k, s in enumerate(scores):
+            if s is not None:
+                fused.addcmul_(s.to(weights.device).clamp_min(lowest), weights[:, k : k + 1])
+        return torch.log_softmax(fused, dim=-1)
 
     def _decode(
         self,
@@ -739,6 +789,9 @@ class FusionEngine:
         """Generator over decode steps: yields the rows' state after the prefill and after every step.
 
         ``track_text=False`` (with no stop sequences) leaves ``row.text`` empty: the caller decodes once.
+        Every step costs the active members' cached forwards, the mix, and one host transfer (the chosen
+        ids and the NaN flags together); the prompt ids are extended only for logits processors that
+        read them, and the attention mask and position ids only when some prompt is padded.
         """
         track_text = track_text or bool(sampling.stop)
         state = self._prefill(prompts, weighting, reserve=sampling.max_new_tokens)
@@ -755,12 +808,13 @@ class FusionEngine:
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
             generator = torch.Generator(device=self.mix_device).manual_seed(int(sampling.seed))
-        sequences = state.input_ids  # (B, L + t)
+        sequences = state.input_ids  # (B, L + t), kept up to date only when processors read it
         mask, positions = state.attention_mask, state.next_positions
-        lps = state.last_logprobs
+        scores = state.last_scores
+        ones = None if mask is None else torch.ones_like(mask[:, :1])
         for step in range(sampling.max_new_tokens):
-            next_ids = self._choose(processors, sequences, state.weights, lps, sampling, generator)  # (B,)
-            for row, tok in zip(rows, next_ids.tolist()):
+            next_ids, tokens = self._choose(processors, sequences, state.weights, scores, sampling, generator)
+            for row, tok in zip(rows, tokens):
                 if not row.done:
                     self._advance(row, tok, eos, sampling.stop, track_text)
             yield (
@@ -769,21 +823,43 @@ class FusionEngine:
             )  # no grad-mode context spans this: a stream may resume on another thread
             if all(r.done for r in rows) or step == sampling.max_new_tokens - 1:
                 return
-            sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            lps = self._step(next_ids[:, None], mask, positions, state.caches)
-            positions = positions + 1
+            ids = next_ids[:, None]  # (B, 1)
+            if processors:
+                sequences = torch.cat([sequences, ids], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, ones], dim=1)
+            scores = self._step(ids, mask, positions, state.caches, state.active)
+            if positions is not None:
+                positions = positions + 1
 
     @torch.inference_mode()
     def _choose(
-        self, processors, sequences, weights, lps, sampling: SamplingConfig, generator
-    ) -> torch.Tensor:
-        """Mix (Eq. 1), apply the logits processors, then argmax or sample: the next token of every row."""
-        scores = processors(sequences, self._mix(weights, lps))  # (B, V)
+        self, processors, sequences, weights, scores, sampling: SamplingConfig, generator
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Mix (Eq. 1), apply the logits processors, then argmax or sample: the next token of every row,
+        ``(B,)`` on the mix device and as a list, read back to the host in one transfer together with a NaN
+        flag per row (raised here, naming the member)."""
+        fused = self._mix(weights, scores)  # (B, V)
+        bad = fused[:, 0].isnan()  # (B,): the whole row is NaN when any member's was NaN or +inf
+        fused = processors(sequences, fused)
         if sampling.temperature > 0:
-            probs = torch.softmax(scores, dim=-1)
-            return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        return torch.argmax(scores, dim=-1)
+            next_ids = torch.multinomial(torch.softmax(fused, dim=-1), 1, generator=generator).squeeze(1)
+        else:
+            next_ids = torch.argmax(fused, dim=-1)
+        B = next_ids.shape[0]
+        values = torch.cat([next_ids, bad.to(next_ids.dtype)]).tolist()
+        if any(values[B:]):
+            self._raise_nan(scores)
+        return next_ids, values[:B]
+
+    def _raise_nan(self, scores: Sequence[torch.Tensor | None]) -> None:
+        for m, s in zip(self.members, scores):
+            if s is not None and bool((s.isnan() | s.isposinf()).any()):
+                raise FloatingPointError(
+                    f"Member {m.name!r} produced NaN logits; check its weights and dtype (float16 overflow "
+                    "is a common cause: try torch_dtype='bfloat16' or 'float32')."
+                )
+        raise FloatingPointError("The fused scores are NaN; check the members' weights and dtypes.")
 
     def _advance(
         self, row: _Row, token: int, eos: set[int], stop: tuple[str, ...], track_text: bool = True
@@ -914,6 +990,51 @@ class _TokenMap:
 
     ids: torch.Tensor  # (V_ref,) long, on the member's device
     approx: torch.Tensor  # (V_ref,) bool, on the mix device
+
+
+@dataclass
+class _LinearHead:
+    base: torch.nn.Module  # the model without its output layer: ``base(...).last_hidden_state``
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None
+
+
+@torch.inference_mode()
+def _linear_head(member: Member) -> _LinearHead | None:
+    """See :meth:`FusionEngine._linear_head`: the check runs the model and its base on four tokens."""
+    model = member.model
+    base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    head = model.get_output_embeddings()
+    if not isinstance(base, torch.nn.Module) or base is model or type(head) is not torch.nn.Linear:
+        return None
+    ids = torch.arange(1, 5, device=member.device)[None] % head.weight.shape[0]
+    try:
+        want = model(input_ids=ids, use_cache=False).logits
+        got = torch.nn.functional.linear(
+            base(input_ids=ids, use_cache=False).last_hidden_state, head.weight, head.bias
+        )
+    except Exception:  # noqa: BLE001 - any model that does not fit the pattern keeps its own forward
+        return None
+    tol = 1e-5 if want.dtype in (torch.float32, torch.float64) else 1e-2
+    if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
+        return None
+    return _LinearHead(base, head.weight, head.bias)
+
+
+def _mm_upcast(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """``out = h @ weight.T + bias`` for half-precision ``h`` and ``weight`` and a float32 ``out``: on CUDA
+    one matrix product with float32 output (``torch.mm(..., out_dtype=)``), elsewhere the product in the
+    members' dtype copied into ``out``."""
+    if h.is_cuda:
+        try:
+            torch.mm(h, weight.T, out_dtype=out.dtype, out=out)
+        except (RuntimeError, TypeError):
+            pass
+        else:
+            if bias is not None:
+                out += bias
+            return
+    out.copy_(torch.nn.functional.linear(h, weight, bias))
 
 
 def _check_model_fits_tokenizer(m: Member) -> None:

@@ -397,6 +397,8 @@ def _solve(weighting, scores, targets, tau, grid_step, *, with_loss: bool) -> So
     K = scores.shape[0]
     check_strategy(weighting, K)
     ppl = perplexities(scores, targets)  # (K,)
+    if bool(ppl.isnan().any()):  # NaN scores: nothing to solve; the caller names the member
+        return Solution(uniform(K), ppl, float("nan"))
     loss = None
     if not isinstance(weighting, str):
         w = check_fixed(weighting, K)

@@ -258,5 +258,94 @@ def test_prefill_keeps_one_buffer_of_raw_logits(members64) -> None:
     sol = W.solve_with_stats("optimal", row, y)
     assert sol.perplexities.tolist() == pytest.approx(W.perplexities(lp, y).tolist(), rel=1e-9)
     assert sol.loss == pytest.approx(W.prompt_loss(sol.weights, lp, y), abs=1e-9)
-    for k in range(K):
-        assert torch.allclose(last[k], torch.log_softmax(scores[k, :, -1], -1))
+    assert torch.equal(last, scores[:, :, -1]) and last.data_ptr() != scores.data_ptr()  # a copy
+
+
+def test_zero_weight_member_is_not_run_and_its_minus_inf_logits_are_harmless(members64) -> None:
+    """A member whose weight is 0 in every row is not run while decoding, and its -inf logits (a model that
+    masks tokens) do not turn the mix into NaN (0 * -inf)."""
+    import copy
+
+    from langchain_packllm.members import Member
+
+    masked = copy.deepcopy(members64[2].model)
+    calls = []
+
+    def mask_tokens(module, args, output):
+        calls.append(output.shape[1])
+        output[..., 5:50] = float("-inf")
+        return output
+
+    masked.get_output_embeddings().register_forward_hook(mask_tokens)
+    members = [*members64[:2], Member("masked", masked, members64[2].tokenizer)]
+    engine = FusionEngine(members)
+    fixed = [0.6, 0.4, 0.0]
+    outs = engine.generate(PROMPTS, WeightingConfig(weighting=fixed), SamplingConfig(max_new_tokens=8))
+    assert calls and 1 not in calls  # the prefill (its prompt perplexity is reported), no decode step
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == naive_greedy(members64[:2], fixed[:2], prompt, 8), prompt
+    calls.clear()
+    # With a weight, the mask applies: no masked token is ever chosen, and the member runs every step.
+    out = engine.generate(
+        ["import os"], WeightingConfig(weighting=[0.2, 0.2, 0.6]), SamplingConfig(max_new_tokens=8)
+    )
+    assert calls.count(1) == 7 and not set(out[0].token_ids) & set(range(5, 50))
+
+
+def test_unpadded_batch_equals_naive_decoder(members64) -> None:
+    """Prompts of equal length run without attention mask or position ids."""
+    engine = FusionEngine(members64)
+    by_length: dict[int, list[str]] = {}
+    for p in ["import os", "import re", "import sys", "x = 1", "y = 2", "def f(x):", "def g(y):"]:
+        by_length.setdefault(len(engine.encode(p)), []).append(p)
+    prompts = max(by_length.values(), key=len)
+    assert len(prompts) >= 2
+    fixed = [0.5, 0.3, 0.2]
+    outs = engine.generate(prompts, WeightingConfig(weighting=fixed), SamplingConfig(max_new_tokens=10))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == naive_greedy(members64, fixed, prompt, 10), prompt
+
+
+def test_prefill_writes_linear_heads_into_the_buffer_and_checks_them(members64) -> None:
+    """Members whose logits are a plain linear layer over the base model's last hidden state get their
+    prompt logits computed straight into the solve buffer; the scores equal the model's own logits. A
+    model with anything after that layer (here a logit scale) is detected and keeps its own forward."""
+    import copy
+    import types
+
+    from langchain_packllm.members import Member
+
+    scaled = copy.deepcopy(members64[1].model)
+    plain_forward = scaled.forward
+
+    def forward(self, *args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    scaled.forward = types.MethodType(forward, scaled)
+    members = [members64[0], Member("scaled", scaled, members64[1].tokenizer)]
+    engine = FusionEngine(members)
+    batch = [engine.encode(p) for p in PROMPTS[:2]]
+    scores, input_ids, mask, _, _ = engine._prefill_scores(batch, use_cache=False)
+    assert engine._linear_head(0) is not None and engine._linear_head(1) is None
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        for k, m in enumerate(members):
+            own = m.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+            assert torch.allclose(scores[k], own[..., : engine.vocab_size], rtol=1e-10, atol=1e-10)
+    full = FusionEngine(members64)
+    assert all(full._linear_head(k) is not None for k in range(3))  # GPT-2, Llama, Qwen2
+
+
+def test_half_precision_members_fill_a_float32_buffer(tiny_paths) -> None:
+    members = [load_member(p, torch_dtype="bfloat16", device=DEVICE) for p in tiny_paths[:2]]
+    engine = FusionEngine(members)
+    batch = [engine.encode(p) for p in PROMPTS[:2]]
+    scores, input_ids, mask, _, _ = engine._prefill_scores(batch, use_cache=False)
+    assert scores.dtype == torch.float32 and all(engine._linear_head(k) for k in range(2))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        for k, m in enumerate(members):
+            own = m.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits.float()
+            assert torch.allclose(scores[k], own[..., : engine.vocab_size], rtol=2e-2, atol=2e-2)
