@@ -53,6 +53,11 @@ logger = logging.getLogger(__name__)
 
 SECTIONS = ("decode", "ttft", "solve", "memory")
 
+# Bench member shapes (hidden width, layers). "toy" keeps a CPU run short, but its forward is mostly the LM
+# head, so fixed per-step costs weigh far more than they would with real members; "1b" is TinyLlama's
+# shape (about 1.1B parameters at vocabulary 32k), the size of the paper's smallest members.
+MEMBER_SIZES = {"toy": (256, 4), "small": (768, 12), "1b": (2048, 22)}
+
 
 @dataclass
 class BenchConfig:
@@ -62,6 +67,7 @@ class BenchConfig:
     vocab_size: int = 32000
     hidden: int = 256
     layers: int = 4
+    dtype: str = "float32"  # the members' dtype; the mix and the solve run in float32
     ks: tuple[int, ...] = (1, 2, 4)
     batch_sizes: tuple[int, ...] = (1, 8)
     decode_prompt: int = 64
@@ -111,8 +117,18 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
-def bench_model(arch: str, vocab_size: int, hidden: int, layers: int, max_length: int, seed: int):
-    """A random GPT-2 or Llama of the given width and depth (about 20M parameters at the defaults)."""
+def bench_model(
+    arch: str,
+    vocab_size: int,
+    hidden: int,
+    layers: int,
+    max_length: int,
+    seed: int,
+    dtype: str = "float32",
+    device: str = "cpu",
+):
+    """A random GPT-2 or Llama of the given width and depth (about 20M parameters at the defaults), built
+    on ``device`` in ``dtype``."""
     heads = max(1, hidden // 64)
     if arch == "gpt2":
         spec = dict(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=max_length)
@@ -129,7 +145,9 @@ def bench_model(arch: str, vocab_size: int, hidden: int, layers: int, max_length
         arch, vocab_size=vocab_size, bos_token_id=1, eos_token_id=None, pad_token_id=0, **spec
     )
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).eval()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    return model.eval()
 
 
 def make_bench_pack(directory: str | Path, cfg: BenchConfig, count: int) -> list[str]:
@@ -141,8 +159,11 @@ def make_bench_pack(directory: str | Path, cfg: BenchConfig, count: int) -> list
     for i in range(count):
         arch = ("gpt2", "llama")[i % 2]
         path = directory / f"{arch}-{i}"
-        model = bench_model(arch, cfg.vocab_size, cfg.hidden, cfg.layers, max_length, cfg.seed + i)
+        model = bench_model(
+            arch, cfg.vocab_size, cfg.hidden, cfg.layers, max_length, cfg.seed + i, cfg.dtype, cfg.device
+        )
         model.save_pretrained(path)
+        del model
         tokenizer.save_pretrained(path)
         paths.append(str(path))
     return paths
@@ -375,8 +396,9 @@ def bench_solve(cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]
     rows = []
     forward_s: dict[tuple[int, int], float] = {}
     for V in cfg.solve_vocabs:
-        model = bench_model("gpt2", V, cfg.hidden, cfg.layers, max(cfg.solve_lengths), cfg.seed)
-        model = model.to(cfg.device)
+        model = bench_model(
+            "gpt2", V, cfg.hidden, cfg.layers, max(cfg.solve_lengths), cfg.seed, cfg.dtype, cfg.device
+        )
         for T in cfg.solve_lengths:
             ids = torch.randint(3, V, (1, T), device=cfg.device)
             with torch.inference_mode():
@@ -560,7 +582,7 @@ def run_all(
         if needs_models:
             paths = make_bench_pack(tmp, cfg, max(cfg.ks))
             members = [
-                load_member(p, name=Path(p).name, device=cfg.device, torch_dtype="float32") for p in paths
+                load_member(p, name=Path(p).name, device=cfg.device, torch_dtype=cfg.dtype) for p in paths
             ]
         if "decode" in only:
             results.decode = bench_decode(members, cfg, progress)
@@ -671,6 +693,8 @@ def _bench(args: argparse.Namespace) -> int:
     overrides = {"device": args.device}
     if args.vocab:
         overrides["vocab_size"] = args.vocab
+    overrides["hidden"], overrides["layers"] = MEMBER_SIZES[args.size]
+    overrides["dtype"] = args.dtype
     cfg = BenchConfig.quick_config(**overrides) if args.quick else BenchConfig(**overrides)
     only = tuple(args.only.split(",")) if args.only else SECTIONS
     unknown = set(only) - set(SECTIONS)
@@ -690,6 +714,13 @@ def add_bench_commands(sub) -> None:
     p.add_argument("--only", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")
     p.add_argument("--device", default="cpu", help="device of the members and the mix, e.g. cpu or cuda")
     p.add_argument("--vocab", type=int, default=0, help="vocabulary of the bench members (default 32000)")
+    p.add_argument(
+        "--size",
+        choices=sorted(MEMBER_SIZES),
+        default="toy",
+        help="bench member shape: toy (hidden 256, 4 layers; default), small (768, 12), 1b (2048, 22)",
+    )
+    p.add_argument("--dtype", default="float32", help="members' dtype: float32 (default), bfloat16, float16")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="bench.json", help="where to write the JSON results ('' for none)")
     p.set_defaults(func=_bench)

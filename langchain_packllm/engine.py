@@ -772,11 +772,11 @@ class FusionEngine:
         """
         first = next(s for s in scores if s is not None)
         dtype = torch.promote_types(first.dtype, torch.float32)
-        lowest = torch.finfo(dtype).min
         fused = torch.zeros(first.shape, dtype=dtype, device=weights.device)
         for k, s in enumerate(scores):
             if s is not None:
-                fused.addcmul_(s.to(weights.device).clamp_min(lowest), weights[:, k : k + 1])
+                s = s.to(weights.device).clamp_min(torch.finfo(s.dtype).min)
+                fused.addcmul_(s, weights[:, k : k + 1])
         return torch.log_softmax(fused, dim=-1)
 
     def _decode(
