@@ -167,11 +167,44 @@ class _Prefill:
     caches: list[DynamicCache]
     attention_mask: torch.Tensor | None  # (B, L) on the mix device; None when no row is padded
     next_positions: torch.Tensor | None  # (B, 1) position id of the next token; None when no padding
-    weights: torch.Tensor  # (B, K) on the mix device
-    last_scores: list[torch.Tensor]  # K x (B, V): each member's next-token logits (raw)
+    mixer: _Mixer  # the rows' weights
+    last_scores: list[torch.Tensor | None]  # K x (B, V): next-token logits (raw); None: weight 0 everywhere
     reports: list[FusionReport]
     input_ids: torch.Tensor  # (B, L) left-padded prompt ids, mix device
-    active: list[int]  # members with a nonzero weight in some row: the only ones decoding runs
+
+
+@dataclass
+class _Mixer:
+    """Eq. 1 for a batch, set up once per call: ``mixer(scores) = sum_k w_k s_k`` row by row, ``(B, V)`` in
+    at least float32 on the mix device, from K next-token scores ``(B, V)`` (logits or log-probs: a
+    per-row shift of ``s_k`` does not change the fused distribution)."""
+
+    weights: torch.Tensor  # (B, K) on the mix device
+    active: list[int]  # members with a nonzero weight in some row: the only ones read (and run)
+    clamp: frozenset[int]  # active members with weight 0 in some row: their -inf must not meet 0 (NaN)
+    unit: int | None  # the one active member, when it has weight 1 in every row: its scores are the mix
+
+    @classmethod
+    def build(cls, weights: torch.Tensor, device: torch.device, dtype: torch.dtype) -> _Mixer:
+        """``weights`` is ``(B, K)`` on the host."""
+        active = [k for k in range(weights.shape[1]) if bool(weights[:, k].any())]
+        clamp = frozenset(k for k in active if not bool(weights[:, k].all()))
+        unit = active[0] if len(active) == 1 and bool((weights[:, active[0]] == 1).all()) else None
+        return cls(weights.to(device, dtype), active, clamp, unit)
+
+    def __call__(self, scores: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        device = self.weights.device
+        if self.unit is not None:
+            s = scores[self.unit].to(device)
+            return s if s.dtype == torch.promote_types(s.dtype, torch.float32) else s.float()
+        fused = None
+        for k in self.active:
+            s = scores[k].to(device)
+            if k in self.clamp:
+                s = s.clamp_min(torch.finfo(s.dtype).min)
+            w = self.weights[:, k : k + 1]
+            fused = s * w if fused is None else fused.addcmul_(s, w)
+        return fused
 
 
 @dataclass
@@ -616,15 +649,11 @@ class FusionEngine:
             rows_w.append(w)
             reports.append(report)
         del scores  # decoding needs only the caches and the last logits
-        weights = torch.stack(rows_w)  # (B, K) float64, host
-        active = [k for k in range(weights.shape[1]) if bool(weights[:, k].any())]
-        weights = weights.to(self.mix_device, last.dtype)
+        mixer = _Mixer.build(torch.stack(rows_w), self.mix_device, last.dtype)
         padded = len({len(ids) for ids in batch}) > 1
-        last_scores = [last[k] if k in active else None for k in range(len(self.members))]
+        last_scores = [last[k] if k in mixer.active else None for k in range(len(self.members))]
         positions = mask.sum(-1, keepdim=True) if padded else None  # (B, 1)
-        return _Prefill(
-            caches, mask if padded else None, positions, weights, last_scores, reports, input_ids, active
-        )
+        return _Prefill(caches, mask if padded else None, positions, mixer, last_scores, reports, input_ids)
 
     def _note_alignment(
         self, report: FusionReport, ids: torch.Tensor, bpb: list[float] | None = None
@@ -732,7 +761,7 @@ class FusionEngine:
         prior = rows[ref]
         with torch.inference_mode():
             rows.update({k: st.start(prompt, prior=prior).to(self.mix_device) for k, st in states.items()})
-        weights = w.to(self.mix_device, prior.dtype)[None]  # (1, K)
+        mixer = _Mixer.build(w[None], self.mix_device, prior.dtype)
         eos = self.members[ref].eos_token_ids
         processors = sampling.processors()
         generator = None
@@ -742,7 +771,7 @@ class FusionEngine:
         positions = positions[:, -1:] + 1
         for step in range(sampling.max_new_tokens):
             lps = [bytealign.smooth_logprobs(rows[k]) for k in range(len(self.members))]
-            next_ids, (token,) = self._choose(processors, sequences, weights, lps, sampling, generator)
+            next_ids, (token,) = self._choose(processors, sequences, mixer, lps, sampling, generator)
             self._advance(row, token, eos, sampling.stop, track_text)
             yield [row], [report]
             if row.done or step == sampling.max_new_tokens - 1:
@@ -759,25 +788,6 @@ class FusionEngine:
                     rows[k] = st.append(piece, prior=rows[ref]).to(self.mix_device)
 
     # ------------------------------------------------------------------ decoding
-
-    @staticmethod
-    def _mix(weights: torch.Tensor, scores: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """Eq. 1: the fused next-token log-probs ``log_softmax(sum_k w_k s_k)``, ``(B, K), K x (B, V) ->
-        (B, V)``, where ``s_k`` are member k's logits or log-probs (the same distribution: a per-row shift
-        of ``s_k`` cancels in the softmax). Members given as ``None`` have weight 0 in every row.
-
-        ``-inf`` scores are raised to the lowest finite value first, so that a member with weight 0 adds 0,
-        not NaN. A NaN or +inf score makes the whole row NaN (the log-softmax subtracts the row maximum),
-        which is how :meth:`_choose` detects it.
-        """
-        first = next(s for s in scores if s is not None)
-        dtype = torch.promote_types(first.dtype, torch.float32)
-        fused = torch.zeros(first.shape, dtype=dtype, device=weights.device)
-        for k, s in enumerate(scores):
-            if s is not None:
-                s = s.to(weights.device).clamp_min(torch.finfo(s.dtype).min)
-                fused.addcmul_(s, weights[:, k : k + 1])
-        return torch.log_softmax(fused, dim=-1)
 
     def _decode(
         self,
@@ -813,7 +823,7 @@ class FusionEngine:
         scores = state.last_scores
         ones = None if mask is None else torch.ones_like(mask[:, :1])
         for step in range(sampling.max_new_tokens):
-            next_ids, tokens = self._choose(processors, sequences, state.weights, scores, sampling, generator)
+            next_ids, tokens = self._choose(processors, sequences, state.mixer, scores, sampling, generator)
             for row, tok in zip(rows, tokens):
                 if not row.done:
                     self._advance(row, tok, eos, sampling.stop, track_text)
@@ -828,29 +838,39 @@ class FusionEngine:
                 sequences = torch.cat([sequences, ids], dim=1)
             if mask is not None:
                 mask = torch.cat([mask, ones], dim=1)
-            scores = self._step(ids, mask, positions, state.caches, state.active)
+            scores = self._step(ids, mask, positions, state.caches, state.mixer.active)
             if positions is not None:
                 positions = positions + 1
 
     @torch.inference_mode()
     def _choose(
-        self, processors, sequences, weights, scores, sampling: SamplingConfig, generator
+        self, processors, sequences, mixer: _Mixer, scores, sampling: SamplingConfig, generator
     ) -> tuple[torch.Tensor, list[int]]:
         """Mix (Eq. 1), apply the logits processors, then argmax or sample: the next token of every row,
-        ``(B,)`` on the mix device and as a list, read back to the host in one transfer together with a NaN
-        flag per row (raised here, naming the member)."""
-        fused = self._mix(weights, scores)  # (B, V)
-        bad = fused[:, 0].isnan()  # (B,): the whole row is NaN when any member's was NaN or +inf
-        fused = processors(sequences, fused)
+        ``(B,)`` on the mix device and as a list. The ids come back to the host in one transfer together
+        with each row's top score, which is NaN or +inf exactly when a member's scores held NaN or +inf
+        (then this raises, naming the member).
+
+        Logits processors see the fused log-probs ``log_softmax(sum_k w_k s_k)``; greedy decoding without
+        processors takes the argmax of ``sum_k w_k s_k`` directly (the same token: the log-softmax only
+        shifts each row).
+        """
+        fused = mixer(scores)  # (B, V)
+        if processors:
+            fused = processors(sequences, torch.log_softmax(fused, dim=-1))
         if sampling.temperature > 0:
-            next_ids = torch.multinomial(torch.softmax(fused, dim=-1), 1, generator=generator).squeeze(1)
+            top = fused.amax(-1)  # NaN if any score is NaN, +inf if any is +inf
+            probs = torch.softmax(fused, dim=-1).nan_to_num_(1.0)  # flagged rows stay samplable
+            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
-            next_ids = torch.argmax(fused, dim=-1)
+            next_ids = torch.argmax(fused, dim=-1)  # NaN counts as the maximum
+            top = fused.gather(-1, next_ids[:, None]).squeeze(1)
         B = next_ids.shape[0]
-        values = torch.cat([next_ids, bad.to(next_ids.dtype)]).tolist()
-        if any(values[B:]):
+        exact = fused.dtype if self.vocab_size < 2**24 else torch.float64  # ids as floats, exactly
+        values = torch.cat([next_ids.to(exact), top.to(exact)]).tolist()
+        if any(math.isnan(v) or v == math.inf for v in values[B:]):
             self._raise_nan(scores)
-        return next_ids, values[:B]
+        return next_ids, [int(v) for v in values[:B]]
 
     def _raise_nan(self, scores: Sequence[torch.Tensor | None]) -> None:
         for m, s in zip(self.members, scores):

@@ -186,7 +186,8 @@ def test_loglikelihood_matches_plain_sum(members64) -> None:
     assert res.is_greedy == bool((fused.argmax(-1) == y[n - 1 :]).all())
 
 
-def test_nan_member_is_named(tiny_paths) -> None:
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_nan_member_is_named(tiny_paths, temperature: float) -> None:
     bad = load_member(tiny_paths[1], name="broken", device="cpu")
     import copy
 
@@ -197,7 +198,9 @@ def test_nan_member_is_named(tiny_paths) -> None:
 
     engine = FusionEngine([load_member(tiny_paths[0], device="cpu"), Member("broken", broken, bad.tokenizer)])
     with pytest.raises(FloatingPointError, match="'broken'"):
-        engine.generate(["import os"], sampling=SamplingConfig(max_new_tokens=2))
+        engine.generate(
+            ["import os"], sampling=SamplingConfig(max_new_tokens=2, temperature=temperature, seed=0)
+        )
 
 
 def test_errors_are_clear(tiny_paths, tmp_path) -> None:
@@ -349,3 +352,25 @@ def test_half_precision_members_fill_a_float32_buffer(tiny_paths) -> None:
         for k, m in enumerate(members):
             own = m.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits.float()
             assert torch.allclose(scores[k], own[..., : engine.vocab_size], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_nan_while_decoding_is_named(members64, temperature: float, bad_value: float) -> None:
+    """A member that is fine on the prompt but emits NaN (or +inf) at a decode step is named; no text."""
+    import copy
+
+    from langchain_packllm.members import Member
+
+    flaky = copy.deepcopy(members64[1].model)
+
+    def poison_decode_steps(module, args, output):
+        if output.shape[1] == 1:
+            output[..., 7] = bad_value
+        return output
+
+    flaky.get_output_embeddings().register_forward_hook(poison_decode_steps)
+    engine = FusionEngine([members64[0], Member("flaky", flaky, members64[1].tokenizer)])
+    sampling = SamplingConfig(max_new_tokens=4, temperature=temperature, seed=0)
+    with pytest.raises(FloatingPointError, match="'flaky'"):
+        engine.generate(["import os"], WeightingConfig(weighting=[0.5, 0.5]), sampling)
