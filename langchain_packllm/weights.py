@@ -318,37 +318,88 @@ def _grid(
     return points[j], float(losses[j])
 
 
+class _PassBuffers:
+    """Work buffers for repeated passes over one ``(K, T, V)`` score tensor, allocated once per solve.
+
+    A fresh large tensor costs page faults on every pass (on a CPU, as much as the arithmetic), so the
+    fused scores ``(c * V,)`` and the products ``s * p`` ``(K * c * V,)`` of a chunk of ``c`` positions
+    live here and are overwritten by each pass.
+    """
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        K, T, V = scores.shape
+        self.chunk = max(1, min(T, _BLOCK_ELEMENTS // max(1, K * V)))
+        self.fused = torch.empty(self.chunk * V, dtype=scores.dtype, device=scores.device)
+        self._products: torch.Tensor | None = None
+        self._shape = (K, V)
+
+    def products(self) -> torch.Tensor:
+        if self._products is None:
+            K, V = self._shape
+            self._products = torch.empty(K * self.chunk * V, dtype=self.fused.dtype, device=self.fused.device)
+        return self._products
+
+
+def _fused_exp(
+    wd: torch.Tensor, flat: torch.Tensor, out: torch.Tensor, V: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``e = exp(fused - max)`` in ``out`` ``(c, V)``, its row sums ``(c, 1)`` and the log-partition ``(c,)``
+    of ``fused = wd @ flat``.
+
+    In place on one buffer: the fused scores, their row maximum, ``exp`` of the difference, its row sum.
+    """
+    e = torch.mm(wd.view(1, -1), flat, out=out.view(1, -1)).view(-1, V)  # (c, V) fused scores
+    m = e.amax(-1, keepdim=True)  # (c, 1)
+    e.sub_(m).exp_()  # largest entry of each row is 1
+    z = e.sum(-1, keepdim=True)  # (c, 1)
+    return e, z, (m + z.log()).squeeze(-1)
+
+
+def _loss_only(w: torch.Tensor, logprobs: torch.Tensor, tgt: torch.Tensor, work: _PassBuffers) -> float:
+    """Eq. 3's objective at ``w`` (one pass, no temporaries beyond ``work``); ``tgt`` is ``(K, T)``."""
+    K, T, V = logprobs.shape
+    wd = w.to(device=logprobs.device, dtype=logprobs.dtype)
+    loss = 0.0
+    for start in range(0, T, work.chunk):
+        s = logprobs[:, start : start + work.chunk]  # (K, c, V)
+        c = s.shape[1]
+        _, _, lse = _fused_exp(wd, s.reshape(K, c * V), work.fused[: c * V], V)
+        loss += float((lse - wd @ tgt[:, start : start + c]).double().sum())
+    return loss / T
+
+
 def _loss_grad_hess(
-    w: torch.Tensor, logprobs: torch.Tensor, tgt: torch.Tensor
+    w: torch.Tensor, logprobs: torch.Tensor, tgt: torch.Tensor, work: _PassBuffers | None = None
 ) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Objective, gradient ``(K,)`` and Hessian ``(K, K)`` of Eq. 3 at ``w``; ``tgt`` is ``(K, T)``.
 
     With ``p_i`` the fused distribution at position i: ``grad_k = mean_i (E_p[s_k] - s_k,x_i)`` and
     ``H_kl = mean_i Cov_p(s_k, s_l)``. One pass over the scores, in chunks of positions to bound memory;
-    the second moments are one matrix product ``(K, c*V) @ (c*V, K)`` per chunk.
+    the second moments are a batch of per-position ``(K, V) @ (V, K)`` products. ``work`` holds buffers
+    reused across passes (made here when not given).
     """
     K, T, V = logprobs.shape
+    if work is None:
+        work = _PassBuffers(logprobs)
     wd = w.to(device=logprobs.device, dtype=logprobs.dtype)
-    chunk = max(1, _BLOCK_ELEMENTS // max(1, K * V))
     loss = 0.0
     grad = torch.zeros(K, dtype=torch.float64, device=logprobs.device)
     hess = torch.zeros(K, K, dtype=torch.float64, device=logprobs.device)
-    for start in range(0, T, chunk):
-        s = logprobs[:, start : start + chunk]  # (K, c, V)
+    for start in range(0, T, work.chunk):
+        s = logprobs[:, start : start + work.chunk]  # (K, c, V)
         c = s.shape[1]
         flat = s.reshape(K, c * V)  # a view: positions and vocabulary are contiguous
-        fused = (wd @ flat).view(c, V)  # (c, V)
-        p = torch.softmax(fused, dim=-1)  # (c, V) fused distribution, one fused kernel
-        top = fused.argmax(-1, keepdim=True)  # (c, 1) where p >= 1/V, so its log is accurate
-        lse = (fused.gather(-1, top) - p.gather(-1, top).log()).squeeze(-1)  # (c,)
-        ps = s * p  # (K, c, V)
+        p, z, lse = _fused_exp(wd, flat, work.fused[: c * V], V)
+        p.div_(z)  # (c, V) fused distribution
+        ps = torch.mul(s, p, out=work.products()[: K * c * V].view(K, c, V))  # (K, c, V)
         mean_s = ps.sum(-1)  # (K, c)   E_p[s_k]
-        second = ps.view(K, c * V) @ flat.T  # (K, K)  sum_c E_p[s_k s_l]
-        del ps
-        t = tgt[:, start : start + chunk]
+        # E_p[s_k s_l] per position: c small (K, V) @ (V, K) products (twice as fast on a CPU as one
+        # (K, c*V) @ (c*V, K) product), summed over positions in float64.
+        second = torch.bmm(ps.transpose(0, 1), s.permute(1, 2, 0)).double().sum(0)  # (K, K)
+        t = tgt[:, start : start + c]
         loss += float((lse - wd @ t).double().sum())
         grad += (mean_s - t).double().sum(-1)
-        hess += second.double() - mean_s.double() @ mean_s.double().T
+        hess += second - mean_s.double() @ mean_s.double().T
     return loss / T, (grad / T).cpu(), (hess / T).cpu()
 
 
@@ -400,13 +451,14 @@ def _optimal_state(
         return torch.ones(1, dtype=torch.float64), math.log(float(ppl[0])), zero, zero.view(1, 1)
     if tgt is None:
         tgt = target_scores(scores, targets)  # (K, T)
+    work = _PassBuffers(scores)
     w = uniform(K)
-    f, g, H = _loss_grad_hess(w, scores, tgt)
+    f, g, H = _loss_grad_hess(w, scores, tgt, work)
     best = int(torch.argmin(ppl))
     if math.log(float(ppl[best])) < f:
         w = torch.zeros(K, dtype=torch.float64)
         w[best] = 1.0
-        f, g, H = _loss_grad_hess(w, scores, tgt)
+        f, g, H = _loss_grad_hess(w, scores, tgt, work)
     free = w > 0
     resolution = 8 * torch.finfo(scores.dtype).eps * max(1.0, abs(f))  # rounding of a computed loss
     for _ in range(max_iter):
@@ -445,10 +497,10 @@ def _optimal_state(
             cand = (w + alpha * d).clamp_min(0.0)
             cand /= cand.sum()
             if trial == 0:
-                full = _loss_grad_hess(cand, scores, tgt)
+                full = _loss_grad_hess(cand, scores, tgt, work)
                 f_new = full[0]
             else:
-                f_new = prompt_loss(cand, scores, targets)
+                f_new = _loss_only(cand, scores, tgt, work)
             if f_new <= f + 1e-4 * alpha * slope or f_new < f:
                 accepted = True
                 break
@@ -461,7 +513,7 @@ def _optimal_state(
             w[~free] = 0.0
             w /= w.sum()
             full = None
-        f, g, H = full if full is not None and trial == 0 else _loss_grad_hess(w, scores, tgt)
+        f, g, H = full if full is not None and trial == 0 else _loss_grad_hess(w, scores, tgt, work)
     return w, f, g, H
 
 
