@@ -410,13 +410,13 @@ def optimal(
     max_iter: int = 100,
     tol: float = 1e-10,
 ) -> torch.Tensor:
-    """The exact minimiser of Eq. 3 over the simplex (active-set Newton method).
+    """The exact minimiser of Eq. 3 over the simplex (Newton's method with simplex-constrained steps).
 
     The objective is convex, so the KKT point this finds is the global minimum: for some ``mu``,
-    ``grad_k = mu`` where ``w_k > 0`` and ``grad_k >= mu`` where ``w_k = 0``. Each iteration takes an
-    equality-constrained Newton step on the free set, shortened to stay feasible and to decrease the loss
-    (Armijo backtracking); a member leaves the free set when its weight reaches 0 and joins it when its
-    reduced gradient is negative at a point that is optimal on the current face.
+    ``grad_k = mu`` where ``w_k > 0`` and ``grad_k >= mu`` where ``w_k = 0``. Each iteration minimises the
+    loss's quadratic model (gradient and Hessian from one pass over the scores) over the simplex, with an
+    active-set method on ``K``-sized arrays, and steps towards that point with Armijo backtracking; see
+    :func:`_optimal_state`.
     """
     ppl = perplexities(logprobs, targets)
     return _optimal(logprobs, targets, ppl, max_iter=max_iter, tol=tol)[0]
@@ -430,6 +430,56 @@ def _optimal(
     return w, f
 
 
+def _face_newton(free: torch.Tensor, g: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Newton step ``d`` ``(K,)`` on the face of the simplex where ``free`` members may move, and the
+    multiplier ``mu``: the KKT system ``[H_FF 1; 1^T 0] [d; -mu] = [-g_F; 0]``."""
+    K = g.shape[0]
+    idx = free.nonzero().flatten()
+    n = idx.numel()
+    Hff = H[idx][:, idx]
+    ridge = 1e-12 * max(1.0, float(Hff.diagonal().abs().max()))
+    kkt = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    kkt[:n, :n] = Hff + ridge * torch.eye(n, dtype=torch.float64)
+    kkt[:n, n] = 1.0
+    kkt[n, :n] = 1.0
+    rhs = torch.cat([-g[idx], torch.zeros(1, dtype=torch.float64)])
+    sol = torch.linalg.lstsq(kkt, rhs.view(-1, 1)).solution.flatten()
+    d = torch.zeros(K, dtype=torch.float64)
+    d[idx] = sol[:n]
+    return d, -float(sol[n])
+
+
+def _simplex_qp(w: torch.Tensor, g: torch.Tensor, H: torch.Tensor, max_iter: int = 100) -> torch.Tensor:
+    """Minimiser over the simplex of the quadratic model ``g.(v - w) + (v - w)^T H (v - w) / 2`` of the
+    loss around ``w`` (``H`` positive semi-definite): the active-set method on ``K``-sized arrays only, no
+    pass over the scores. Members leave the free set when their weight reaches 0 and join it when their
+    reduced gradient is negative at the face's minimum."""
+    v = w.clone()
+    free = v > 0
+    for _ in range(max_iter):
+        gv = g + H @ (v - w)
+        d, mu = _face_newton(free, gv, H)
+        if float(d.abs().max()) < 1e-12:
+            reduced = gv - mu
+            reduced[free] = 0.0
+            j = int(torch.argmin(reduced))
+            if float(reduced[j]) >= -1e-12:
+                break
+            free[j] = True
+            continue
+        shrinking = d < 0
+        alpha = 1.0
+        if bool(shrinking.any()):
+            ratios = v[shrinking] / -d[shrinking]
+            alpha = min(1.0, float(ratios.min()))
+        v = (v + alpha * d).clamp_min(0.0)
+        if alpha < 1.0:  # the blocking member(s) reach 0 and leave the face
+            free &= v > 1e-15
+            v[~free] = 0.0
+        v /= v.sum()
+    return v
+
+
 def _optimal_state(
     scores: torch.Tensor,
     targets: torch.Tensor,
@@ -441,9 +491,18 @@ def _optimal_state(
 ) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
     """:func:`_optimal`, also returning the gradient ``(K,)`` and Hessian ``(K, K)`` at the solution.
 
-    ``tgt`` is :func:`target_scores` (computed here when not given). It starts from the better of the uniform point and the best vertex (a vertex's loss is its member's
-    log-perplexity, known for free). Every accepted point costs one pass over the scores, which gives the
-    loss, gradient and Hessian together; backtracking trials cost a loss-only pass.
+    ``tgt`` is :func:`target_scores` (computed here when not given). Sequential quadratic programming:
+    each iteration minimises the quadratic model of the loss at ``w`` over the whole simplex
+    (:func:`_simplex_qp`, no pass over the scores), so members join and leave the support in the model
+    rather than one pass at a time, and steps towards that point with Armijo backtracking. It stops when
+    the Newton step on the current face is below ``1e-9`` (or ``|g.d| < tol``) and no reduced gradient is
+    below ``-1e-9`` (KKT: the global minimum of the convex problem; that last step is then taken on the
+    model, without a pass, and the loss and gradient returned are the model's), or when no trial shows a
+    decrease (a step whose predicted decrease is below the loss's rounding is judged on the model at the
+    trial point instead). It starts from the uniform point; after the first step, if the best vertex (whose
+    loss is its member's log-perplexity, known for free) is still lower, it moves there. Every accepted
+    point costs one pass over the scores, which gives the loss, gradient and Hessian together;
+    backtracking trials cost a loss-only pass.
     """
     K = scores.shape[0]
     if K == 1:
@@ -455,46 +514,36 @@ def _optimal_state(
     w = uniform(K)
     f, g, H = _loss_grad_hess(w, scores, tgt, work)
     best = int(torch.argmin(ppl))
-    if math.log(float(ppl[best])) < f:
-        w = torch.zeros(K, dtype=torch.float64)
-        w[best] = 1.0
-        f, g, H = _loss_grad_hess(w, scores, tgt, work)
-    free = w > 0
+    vertex_loss = math.log(float(ppl[best]))
     resolution = 8 * torch.finfo(scores.dtype).eps * max(1.0, abs(f))  # rounding of a computed loss
-    for _ in range(max_iter):
-        idx = free.nonzero().flatten()
-        n = idx.numel()
-        # KKT system of the face: [H_FF 1; 1^T 0] [d; -mu] = [-g_F; 0]
-        Hff = H[idx][:, idx]
-        ridge = 1e-12 * max(1.0, float(Hff.diagonal().abs().max()))
-        kkt = torch.zeros(n + 1, n + 1, dtype=torch.float64)
-        kkt[:n, :n] = Hff + ridge * torch.eye(n, dtype=torch.float64)
-        kkt[:n, n] = 1.0
-        kkt[n, :n] = 1.0
-        rhs = torch.cat([-g[idx], torch.zeros(1, dtype=torch.float64)])
-        sol = torch.linalg.lstsq(kkt, rhs.view(-1, 1)).solution.flatten()
-        d = torch.zeros(K, dtype=torch.float64)
-        d[idx] = sol[:n]
-        mu = -float(sol[n])
+    for it in range(max_iter):
+        if it == 1 and vertex_loss < f:
+            w = torch.zeros(K, dtype=torch.float64)
+            w[best] = 1.0
+            f, g, H = _loss_grad_hess(w, scores, tgt, work)
+        free = w > 0
+        d, mu = _face_newton(free, g, H)
         if float(d.abs().max()) < 1e-9 or abs(float(g @ d)) < tol:
             reduced = g - mu  # (K,)
             reduced[free] = 0.0
-            j = int(torch.argmin(reduced))
-            if float(reduced[j]) >= -1e-9:
-                break  # KKT holds: global optimum of the convex problem
-            free[j] = True
-            continue
-        # Feasible step length (ratio test) and Armijo backtracking.
-        shrinking = d < 0
-        alpha_max = 1.0
-        if bool(shrinking.any()):
-            alpha_max = min(1.0, float((w[shrinking] / -d[shrinking]).min()))
+            if float(reduced.min()) >= -1e-9:
+                # KKT holds: global optimum of the convex problem. The last Newton step, whose predicted
+                # decrease -g.d/2 is below tol, is taken on the quadratic model without a pass.
+                if bool((w + d >= 0).all()):
+                    f, g = f + 0.5 * float(g @ d), g + H @ d
+                    w = w + d
+                    w /= w.sum()
+                break
+        d = _simplex_qp(w, g, H) - w  # feasible for every step length in [0, 1]
         slope = float(g @ d)
-        alpha, accepted, full = alpha_max, False, None
+        if slope > -tol:
+            break  # the model sees no descent left
+        alpha, accepted, full = 1.0, False, None
         for trial in range(40):
             if trial > 0 and -alpha * slope < resolution:
                 break  # the decrease left is below the loss's rounding: no trial can show it
             cand = (w + alpha * d).clamp_min(0.0)
+            cand[cand < 1e-15] = 0.0
             cand /= cand.sum()
             if trial == 0:
                 full = _loss_grad_hess(cand, scores, tgt, work)
@@ -504,16 +553,19 @@ def _optimal_state(
             if f_new <= f + 1e-4 * alpha * slope or f_new < f:
                 accepted = True
                 break
+            if trial == 0 and -slope < 4 * resolution:
+                # The loss cannot show so small a decrease; the model at the trial point (its pass is
+                # done) can: accept the step if it leaves less predicted decrease than there was.
+                left = float(full[1] @ (_simplex_qp(cand, full[1], full[2]) - cand))
+                accepted = left > slope
+                break
             alpha *= 0.5
         if not accepted:
+            if it == 0 and vertex_loss < f:
+                continue  # the vertex check at the top of the next iteration
             break
         w = cand
-        if alpha == alpha_max and alpha_max < 1.0:
-            free &= w > 1e-15
-            w[~free] = 0.0
-            w /= w.sum()
-            full = None
-        f, g, H = full if full is not None and trial == 0 else _loss_grad_hess(w, scores, tgt, work)
+        f, g, H = full if trial == 0 else _loss_grad_hess(w, scores, tgt, work)
     return w, f, g, H
 
 

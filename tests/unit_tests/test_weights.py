@@ -287,3 +287,18 @@ def test_grid_on_a_coarse_lattice_and_one_member() -> None:
     lp, y = make_problem(23, 3)
     assert W.grid(lp, y, 1.0).tolist() == W.top1(W.perplexities(lp, y)).tolist()
     assert W.grid(lp[:1], y, 0.1).tolist() == [1.0]
+
+
+@pytest.mark.parametrize("seed", range(14))
+def test_optimal_satisfies_kkt_on_faces_and_vertices(seed: int) -> None:
+    """KKT at the returned weights, recomputed here in float64, for K up to 8 (odd seeds put the optimum
+    on a vertex or a face), and the loss the solver reports is the loss at those weights."""
+    K = 2 + seed % 7
+    lp, y = make_problem(300 + seed, K, T=16, V=40)
+    w, loss, _, _ = W._optimal_state(lp, y, W.perplexities(lp, y))
+    _, g, _ = W._loss_grad_hess(w, lp, W.target_scores(lp, y))
+    active = w > 0
+    mu = float(g[active].mean())
+    assert torch.allclose(g[active], torch.full_like(g[active], mu), atol=1e-7)
+    assert (g[~active] >= mu - 1e-7).all()
+    assert loss == pytest.approx(plain_loss(w, lp, y), abs=1e-10)
