@@ -434,6 +434,10 @@ def bench_solve(cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]
                             rows.append(row)
                             continue
                     w = weights_lib.solve(name, lp, y, grid_step=cfg.grid_step)
+                    if name == "grid":  # how many grid points the branch and bound scored
+                        stats: dict = {}
+                        weights_lib._grid(lp, y, cfg.grid_step, stats=stats)
+                        row["evaluated"] = stats.get("evaluated", row["points"])
                     seconds = _time_solver(
                         partial(weights_lib.solve, name, lp, y, grid_step=cfg.grid_step),
                         cfg.solve_repeats if name != "grid" else 1,
@@ -661,6 +665,8 @@ def format_results(results: BenchResults) -> str:
                     ("T", "T", "d"),
                     ("V", "V", "d"),
                     ("seconds", "seconds", ".4f"),
+                    ("grid points", "points", "d"),
+                    ("scored", "evaluated", "d"),
                     ("K prefills ms", "prefill_estimate_ms", ".0f"),
                     ("fraction of K prefills", "fraction_of_prefill", ".3f"),
                     ("prompt loss", "loss", ".5f"),

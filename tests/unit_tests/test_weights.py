@@ -199,3 +199,106 @@ def test_solve_with_stats_reports_loss_and_perplexities_on_raw_logits(weighting)
     assert sol.weights.tolist() == pytest.approx(W.solve(weighting, lp, y, grid_step=0.1).tolist(), abs=1e-9)
     assert sol.loss == pytest.approx(W.prompt_loss(sol.weights, lp, y), abs=1e-9)
     assert sol.perplexities.tolist() == pytest.approx([plain_ppl(lp[k], y) for k in range(3)], rel=1e-9)
+
+
+def brute_force_grid(lp, y, step):
+    """Every grid point, by itertools.product, scored in float64: ``(points (G, K), losses (G,))``."""
+    K, T, V = lp.shape
+    n = round(1 / step)
+    counts = [c + (n - sum(c),) for c in itertools.product(range(n + 1), repeat=K - 1) if sum(c) <= n]
+    pts = torch.tensor(counts, dtype=torch.float64) / n
+    s = lp.double()
+    fused = (pts @ s.reshape(K, T * V)).view(-1, T, V)
+    tgt = s.gather(-1, y.view(1, -1, 1).expand(K, -1, 1)).squeeze(-1)  # (K, T)
+    return pts, (fused.logsumexp(-1) - pts @ tgt).mean(-1)
+
+
+def grid_problem(seed: int):
+    """Random problems of several kinds: K in 2..5, steps 0.2 / 0.1 / 0.05."""
+    K = 2 + seed % 4
+    step = (0.2, 0.1, 0.05)[seed // 4 % 3]
+    kind = seed // 12 % 4
+    g = torch.Generator().manual_seed(100 + seed)
+    T, V = 6, 20
+    lp, y = make_problem(200 + seed, K, T=T, V=V)
+    if kind == 1:  # nearly flat: members close to one another
+        lp = (lp[:1] + 0.05 * torch.randn(K, T, V, generator=g, dtype=torch.float64)).log_softmax(-1)
+    elif kind == 2:  # targets member 0 ranks first: the optimum sits on a vertex or a face
+        y = lp[0].argmax(-1)
+    elif kind == 3:  # raw logits: per-position shifts and a wider scale
+        lp = lp * 3 + torch.randn(K, T, 1, generator=g, dtype=torch.float64) * 10
+    return lp, y, step
+
+
+@pytest.mark.parametrize("by_bound", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", range(48))
+def test_pruned_grid_is_the_brute_force_minimum(seed: int, dtype, by_bound: bool) -> None:
+    """``by_bound=True`` orders evaluations by lower bound, not by the quadratic model around the continuous
+    optimum (whose first point is nearly always the answer): there the pruning decides the answer."""
+    lp, y, step = grid_problem(seed)
+    lp = lp.to(dtype)
+    w, loss = W._grid(lp, y, step, round_size=1 if by_bound else 8, by_bound=by_bound)
+    pts, losses = brute_force_grid(lp, y, step)
+    order = torch.argsort(losses)
+    best, gap = int(order[0]), float(losses[order[1]] - losses[order[0]])
+    rounding = 1e-5 if dtype == torch.float32 else 1e-12  # well above a computed loss's rounding
+    assert loss == pytest.approx(float(losses[best]), abs=rounding / 4)
+    assert W.prompt_loss(w, lp.double(), y) == pytest.approx(float(losses[best]), abs=rounding / 4)
+    if gap > rounding:  # one clear minimiser (all but a few of these problems): the very same point
+        assert w.tolist() == pts[best].tolist()
+        assert w.tolist() == W.grid(lp, y, step, exhaustive=True).tolist()
+        assert w.tolist() == W.solve("grid", lp, y, grid_step=step).tolist()
+    else:  # a tie within rounding: either point, as the exhaustive search's own choice is rounding's
+        assert float(losses[pts.tolist().index(w.tolist())]) <= float(losses[best]) + rounding
+
+
+def test_pruned_grid_problems_mostly_have_one_clear_minimiser() -> None:
+    """The comparison above is of points, not just losses, for all but a few of its problems."""
+    clear = 0
+    for seed in range(48):
+        lp, y, step = grid_problem(seed)
+        _, losses = brute_force_grid(lp.float(), y, step)
+        top2 = losses.topk(2, largest=False).values
+        clear += float(top2[1] - top2[0]) > 1e-5
+    assert clear >= 44
+
+
+def test_pruned_grid_evaluates_few_points_for_five_members() -> None:
+    lp, y = make_problem(21, 5, T=8, V=64)
+    stats: dict = {}
+    w, loss = W._grid(lp.float(), y, 0.05, stats=stats)
+    assert stats["points"] == math.comb(20 + 4, 4)
+    assert stats["evaluated"] < stats["points"] // 20
+    pts, losses = brute_force_grid(lp.float(), y, 0.05)
+    assert w.tolist() == pts[int(losses.argmin())].tolist()
+
+
+def test_pruned_grid_with_identical_members_ties_within_rounding() -> None:
+    lp, y = make_problem(22, 1)
+    lp = torch.cat([lp, lp, lp])  # every grid point has the same loss
+    w, loss = W._grid(lp, y, 0.1)
+    assert float(w.sum()) == pytest.approx(1.0)
+    assert loss == pytest.approx(W._grid_exhaustive(lp, y, 0.1)[1], abs=1e-12)
+    assert loss == pytest.approx(W.prompt_loss(W.uniform(3), lp, y), abs=1e-12)
+
+
+def test_grid_on_a_coarse_lattice_and_one_member() -> None:
+    lp, y = make_problem(23, 3)
+    assert W.grid(lp, y, 1.0).tolist() == W.top1(W.perplexities(lp, y)).tolist()
+    assert W.grid(lp[:1], y, 0.1).tolist() == [1.0]
+
+
+@pytest.mark.parametrize("seed", range(14))
+def test_optimal_satisfies_kkt_on_faces_and_vertices(seed: int) -> None:
+    """KKT at the returned weights, recomputed here in float64, for K up to 8 (odd seeds put the optimum
+    on a vertex or a face), and the loss the solver reports is the loss at those weights."""
+    K = 2 + seed % 7
+    lp, y = make_problem(300 + seed, K, T=16, V=40)
+    w, loss, _, _ = W._optimal_state(lp, y, W.perplexities(lp, y))
+    _, g, _ = W._loss_grad_hess(w, lp, W.target_scores(lp, y))
+    active = w > 0
+    mu = float(g[active].mean())
+    assert torch.allclose(g[active], torch.full_like(g[active], mu), atol=1e-7)
+    assert (g[~active] >= mu - 1e-7).all()
+    assert loss == pytest.approx(plain_loss(w, lp, y), abs=1e-10)
