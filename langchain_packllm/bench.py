@@ -4,8 +4,9 @@ Every figure is a ratio of two timings taken in the same process, on the same mo
 summarised by medians, so that a noisy shared machine still gives comparable numbers:
 
 1. ``decode``: fused tokens/s against the bound ``1 / sum_k t_k``, where ``t_k`` is member k's own cached
-   single-token greedy step (forward + argmax) measured here; transformers' ``model.generate`` per member
-   (greedy, with cache, same prompt and token count) is timed as a peer.
+   single-token greedy step (forward + argmax) measured here; against the K members decoding in turn with
+   no fusion (the same K forwards per step, alternating as the engine runs them); and transformers'
+   ``model.generate`` per member (greedy, with cache, same prompt and token count) as a peer.
 2. ``ttft``: the fused call's time to first token against the K members' prefill forwards plus the
    weight solve the call reports.
 3. ``solve``: wall time of ``greedy``, ``grid`` and ``optimal`` on random log-probs of shape ``(K, T, V)``,
@@ -79,8 +80,11 @@ class BenchConfig:
     solve_vocabs: tuple[int, ...] = (4096, 32768, 131072)
     solve_repeats: int = 3
     grid_step: float = 0.05
-    # Grid cells whose exhaustive cost (points x T x V) exceeds this are reported as skipped.
+    # The exhaustive grid (scoring every point; the reference the branch-and-bound grid must match) is run
+    # only where its cost (points x T x V) is below this; the branch-and-bound grid runs up to
+    # grid_max_points lattice points.
     grid_budget: float = 2e11
+    grid_max_points: int = 1_000_000
     # Solver cells whose tensor (K x T x V floats) exceeds this many elements are skipped.
     solve_max_elements: float = 6e8
     memory_prompt: int = 512
@@ -231,6 +235,33 @@ def member_step_seconds(model, input_ids: torch.Tensor, mask: torch.Tensor, step
 
 
 @torch.inference_mode()
+def members_in_turn_step_seconds(models, input_ids: torch.Tensor, mask: torch.Tensor, steps: int) -> float:
+    """Seconds per step of the K members decoding in turn, each greedily on its own tokens (one cached
+    forward + argmax each per step), with no fusion: the K forwards a fused step needs, run alternately as
+    the engine runs them (members alternating costs more host time than one member looping alone)."""
+    devices = [m.device for m in models]
+    ids = [input_ids.to(d) for d in devices]
+    masks = [_unpadded(mask.to(d)) for d in devices]
+    caches = [DynamicCache(config=m.config) for m in models]
+    toks = []
+    for m, i, a, c in zip(models, ids, masks, caches):
+        out = m(input_ids=i, attention_mask=a, past_key_values=c, use_cache=True)
+        toks.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    for d in set(devices):
+        _sync(d)
+    start = time.perf_counter()
+    for _ in range(steps):
+        for k, m in enumerate(models):
+            if masks[k] is not None:
+                masks[k] = torch.cat([masks[k], torch.ones_like(masks[k][:, :1])], dim=1)
+            out = m(input_ids=toks[k], attention_mask=masks[k], past_key_values=caches[k], use_cache=True)
+            toks[k] = out.logits[:, -1].argmax(-1, keepdim=True)
+    for d in set(devices):
+        _sync(d)
+    return (time.perf_counter() - start) / steps
+
+
+@torch.inference_mode()
 def generate_step_seconds(model, input_ids: torch.Tensor, mask: torch.Tensor, steps: int) -> float:
     """Seconds per decode step of transformers' ``generate`` (greedy, cached), from streamer timestamps."""
     dev = model.device
@@ -253,7 +284,7 @@ def fused_step_seconds(engine: FusionEngine, prompts: list[str], steps: int) -> 
     weighting = WeightingConfig("uniform")
     sampling = SamplingConfig(max_new_tokens=steps + 1)
     with engine._lock:
-        decoding = engine._decode(prompts, weighting, sampling)
+        decoding = engine._decode(prompts, weighting, sampling, track_text=False)  # as generate() runs
         next(decoding)  # prefill done, first token chosen
         _sync(engine.mix_device)
         start, n = time.perf_counter(), 0
@@ -274,13 +305,17 @@ def bench_decode(members: list[Member], cfg: BenchConfig, progress: Callable[[st
             prompts = random_prompts(cfg.vocab_size, cfg.decode_prompt, B, cfg.seed + B)
             ids, mask = engine._pad([engine.encode(p) for p in prompts])
             steps = cfg.decode_tokens
-            # Warm-up, then interleaved repeats.
-            fused_step_seconds(engine, prompts, 2)
+            models = [m.model for m in engine.members]
+            # Warm-up over the same lengths (kernels and attention plans for every shape), then
+            # interleaved repeats.
+            fused_step_seconds(engine, prompts, steps)
+            members_in_turn_step_seconds(models, ids, mask, steps)
             for m in engine.members:
-                member_step_seconds(m.model, ids, mask, 2)
-            fused, own, gen = [], [[] for _ in range(K)], [[] for _ in range(K)]
+                member_step_seconds(m.model, ids, mask, steps)
+            fused, own, gen, turns = [], [[] for _ in range(K)], [[] for _ in range(K)], []
             for _ in range(cfg.repeats):
                 fused.append(fused_step_seconds(engine, prompts, steps))
+                turns.append(members_in_turn_step_seconds(models, ids, mask, steps))
                 for k, m in enumerate(engine.members):
                     own[k].append(member_step_seconds(m.model, ids, mask, steps))
                     gen[k].append(generate_step_seconds(m.model, ids, mask, steps))
@@ -291,6 +326,7 @@ def bench_decode(members: list[Member], cfg: BenchConfig, progress: Callable[[st
             # Ratios: median over repeats of the ratio within each repeat (robust to slow drifts in load).
             to_bound = _median([sum(o[r] for o in own) / fused[r] for r in range(cfg.repeats)])
             to_generate = _median([sum(g[r] for g in gen) / fused[r] for r in range(cfg.repeats)])
+            to_turns = _median([turns[r] / fused[r] for r in range(cfg.repeats)])
             row = {
                 "K": K,
                 "batch": B,
@@ -302,6 +338,8 @@ def bench_decode(members: list[Member], cfg: BenchConfig, progress: Callable[[st
                 "bound_tokens_per_s": B / bound,
                 "ratio_to_bound": to_bound,
                 "ratio_to_generate_sum": to_generate,
+                "members_in_turn_step_ms": 1e3 * _median(turns),
+                "ratio_to_members_in_turn": to_turns,
             }
             rows.append(row)
             progress(
@@ -424,24 +462,30 @@ def bench_solve(cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]
                 lp, y = random_problem(K, T, V, cfg.seed + K)
                 lp, y = lp.to(cfg.device), y.to(cfg.device)
                 losses = {}
-                for name in ("optimal", "greedy", "grid"):
+                for name in ("optimal", "greedy", "grid", "grid-exhaustive"):
                     row = {**base, "solver": name}
-                    if name == "grid":
+                    if name.startswith("grid"):
                         points = math.comb(round(1 / cfg.grid_step) + K - 1, K - 1)
                         row["points"] = points
-                        if points * T * V > cfg.grid_budget:
+                        too_big = points > cfg.grid_max_points
+                        if name == "grid-exhaustive":
+                            too_big = points * T * V > cfg.grid_budget
+                        if too_big:
                             row["skipped"] = f"skipped ({points} points)"
                             rows.append(row)
                             continue
-                    w = weights_lib.solve(name, lp, y, grid_step=cfg.grid_step)
+                    if name == "grid-exhaustive":
+                        solver = partial(weights_lib.grid, lp, y, cfg.grid_step, exhaustive=True)
+                    else:
+                        solver = partial(weights_lib.solve, name, lp, y, grid_step=cfg.grid_step)
+                    w = solver()
                     if name == "grid":  # how many grid points the branch and bound scored
                         stats: dict = {}
                         weights_lib._grid(lp, y, cfg.grid_step, stats=stats)
                         row["evaluated"] = stats.get("evaluated", row["points"])
-                    seconds = _time_solver(
-                        partial(weights_lib.solve, name, lp, y, grid_step=cfg.grid_step),
-                        cfg.solve_repeats if name != "grid" else 1,
-                    )
+                    elif name == "grid-exhaustive":
+                        row["evaluated"] = row["points"]
+                    seconds = _time_solver(solver, cfg.solve_repeats if name != "grid-exhaustive" else 1)
                     losses[name] = weights_lib.prompt_loss(w, lp, y)
                     row.update(
                         seconds=seconds,
@@ -635,6 +679,8 @@ def format_results(results: BenchResults) -> str:
                     ("bound tok/s", "bound_tokens_per_s", ".0f"),
                     ("fused / bound", "ratio_to_bound", ".3f"),
                     ("fused / sum generate", "ratio_to_generate_sum", ".3f"),
+                    ("members in turn ms/step", "members_in_turn_step_ms", ".2f"),
+                    ("fused / in turn", "ratio_to_members_in_turn", ".3f"),
                 ],
             ),
         ]
