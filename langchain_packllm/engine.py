@@ -275,6 +275,9 @@ class FusionEngine:
         self.vocab_size = min(m.vocab_size for m in members)
         self._use_reference(0)  # aligned packs: the reference vocabulary's size
         self._heads: dict[int, _LinearHead | None] = {}
+        self._scores_dtype = torch.float32  # the prompt scores' dtype: at least float32
+        for m in members:
+            self._scores_dtype = torch.promote_types(self._scores_dtype, m.model.dtype)
         self._lock = threading.Lock()  # not an RLock: async streams resume on other threads
         self._set_device_groups(_device_groups(members))
 
@@ -299,8 +302,17 @@ class FusionEngine:
 
     @property
     def max_length(self) -> int | None:
-        lengths = [m.max_length for m in self.members if m.max_length is not None]
-        return min(lengths) if lengths else None
+        """The shortest member context (read from the configs once: they are slow to query per call)."""
+        if not hasattr(self, "_max_length"):
+            lengths = [m.max_length for m in self.members if m.max_length is not None]
+            self._max_length = min(lengths) if lengths else None
+        return self._max_length
+
+    def _eos(self, k: int | None = None) -> set[int]:
+        """Member k's end-of-sequence ids, or every member's (cached)."""
+        if not hasattr(self, "_eos_ids"):
+            self._eos_ids = [m.eos_token_ids for m in self.members]
+        return self._eos_ids[k] if k is not None else set().union(*self._eos_ids)
 
     def _first_vocabulary_mismatch(self) -> tuple[str, str] | None:
         ref = self.members[0]
@@ -551,9 +563,7 @@ class FusionEngine:
         input_ids, mask = self._pad(batch)
         padded = any(len(ids) != input_ids.shape[1] for ids in batch)
         positions = (mask.cumsum(-1) - 1).clamp(min=0) if padded else None
-        dtype = torch.float32
-        for m in self.members:
-            dtype = torch.promote_types(dtype, m.model.dtype)
+        dtype = self._scores_dtype
         lowest = torch.finfo(dtype).min
         K, (B, L) = len(self.members), input_ids.shape
         scores = torch.empty((K, B, L, self.vocab_size), dtype=dtype, device=self.mix_device)
@@ -811,9 +821,9 @@ class FusionEngine:
             yield rows, state.reports
             return
         if self.alignment == "none":
-            eos = set().union(*(m.eos_token_ids for m in self.members))
+            eos = self._eos()
         else:
-            eos = self.members[self._ref].eos_token_ids
+            eos = self._eos(self._ref)
         processors = sampling.processors()
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
