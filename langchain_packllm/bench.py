@@ -101,7 +101,7 @@ class BenchConfig:
             solve_vocabs=(4096, 32768),
             solve_repeats=1,
             grid_budget=5e9,
-            solve_max_elements=7e7,
+            solve_max_elements=1.4e8,
             memory_prompt=256,
         )
         return replace(quick, **overrides)

@@ -72,7 +72,8 @@ class SamplingConfig:
 
     ``logits_processors`` are extra transformers ``LogitsProcessor``s (``__call__(input_ids, scores) ->
     scores``) applied to the fused scores after the repetition penalty and before temperature, top-k and
-    top-p (e.g. a grammar mask). ``input_ids`` is ``(B, L + t)``: the left-padded prompts (same width ``L``
+    top-p (e.g. a grammar mask). The scores every processor sees (the repetition penalty included) are the
+    fused log-probs ``log_softmax(sum_k w_k logits_k)``. ``input_ids`` is ``(B, L + t)``: the left-padded prompts (same width ``L``
     for every row) followed by the ``t`` tokens generated so far.
     """
 

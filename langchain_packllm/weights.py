@@ -37,6 +37,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 STRATEGIES = ("optimal", "greedy", "grid", "sim", "uniform", "top1")
@@ -393,9 +394,10 @@ def _loss_grad_hess(
         p.div_(z)  # (c, V) fused distribution
         ps = torch.mul(s, p, out=work.products()[: K * c * V].view(K, c, V))  # (K, c, V)
         mean_s = ps.sum(-1)  # (K, c)   E_p[s_k]
-        # E_p[s_k s_l] per position: c small (K, V) @ (V, K) products (twice as fast on a CPU as one
-        # (K, c*V) @ (c*V, K) product), summed over positions in float64.
-        second = torch.bmm(ps.transpose(0, 1), s.permute(1, 2, 0)).double().sum(0)  # (K, K)
+        if s.is_cuda:  # E_p[s_k s_l] summed over positions: one (K, c*V) @ (c*V, K) product
+            second = (ps.view(K, c * V) @ flat.T).double()
+        else:  # c small (K, V) @ (V, K) products: twice as fast on a CPU as the one product
+            second = torch.bmm(ps.transpose(0, 1), s.permute(1, 2, 0)).double().sum(0)  # (K, K)
         t = tgt[:, start : start + c]
         loss += float((lse - wd @ t).double().sum())
         grad += (mean_s - t).double().sum(-1)
@@ -433,18 +435,23 @@ def _optimal(
 def _face_newton(free: torch.Tensor, g: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Newton step ``d`` ``(K,)`` on the face of the simplex where ``free`` members may move, and the
     multiplier ``mu``: the KKT system ``[H_FF 1; 1^T 0] [d; -mu] = [-g_F; 0]``."""
-    K = g.shape[0]
-    idx = free.nonzero().flatten()
-    n = idx.numel()
-    Hff = H[idx][:, idx]
-    ridge = 1e-12 * max(1.0, float(Hff.diagonal().abs().max()))
-    kkt = torch.zeros(n + 1, n + 1, dtype=torch.float64)
-    kkt[:n, :n] = Hff + ridge * torch.eye(n, dtype=torch.float64)
+    d, mu = _face_newton_np(free.numpy(), g.numpy(), H.numpy())
+    return torch.from_numpy(d), mu
+
+
+def _face_newton_np(free: np.ndarray, g: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, float]:
+    # K-sized arrays: numpy costs microseconds where torch's per-op overhead costs tens.
+    idx = np.flatnonzero(free)
+    n = idx.size
+    Hff = H[np.ix_(idx, idx)]
+    ridge = 1e-12 * max(1.0, float(np.abs(np.diag(Hff)).max()))
+    kkt = np.zeros((n + 1, n + 1))
+    kkt[:n, :n] = Hff + ridge * np.eye(n)
     kkt[:n, n] = 1.0
     kkt[n, :n] = 1.0
-    rhs = torch.cat([-g[idx], torch.zeros(1, dtype=torch.float64)])
-    sol = torch.linalg.lstsq(kkt, rhs.view(-1, 1)).solution.flatten()
-    d = torch.zeros(K, dtype=torch.float64)
+    rhs = np.concatenate([-g[idx], [0.0]])
+    sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+    d = np.zeros(g.shape[0])
     d[idx] = sol[:n]
     return d, -float(sol[n])
 
@@ -454,30 +461,30 @@ def _simplex_qp(w: torch.Tensor, g: torch.Tensor, H: torch.Tensor, max_iter: int
     loss around ``w`` (``H`` positive semi-definite): the active-set method on ``K``-sized arrays only, no
     pass over the scores. Members leave the free set when their weight reaches 0 and join it when their
     reduced gradient is negative at the face's minimum."""
-    v = w.clone()
+    w0, gn, Hn = w.numpy(), g.numpy(), H.numpy()
+    v = w0.copy()
     free = v > 0
     for _ in range(max_iter):
-        gv = g + H @ (v - w)
-        d, mu = _face_newton(free, gv, H)
-        if float(d.abs().max()) < 1e-12:
+        gv = gn + Hn @ (v - w0)
+        d, mu = _face_newton_np(free, gv, Hn)
+        if float(np.abs(d).max()) < 1e-12:
             reduced = gv - mu
             reduced[free] = 0.0
-            j = int(torch.argmin(reduced))
+            j = int(np.argmin(reduced))
             if float(reduced[j]) >= -1e-12:
                 break
             free[j] = True
             continue
         shrinking = d < 0
         alpha = 1.0
-        if bool(shrinking.any()):
-            ratios = v[shrinking] / -d[shrinking]
-            alpha = min(1.0, float(ratios.min()))
-        v = (v + alpha * d).clamp_min(0.0)
+        if shrinking.any():
+            alpha = min(1.0, float((v[shrinking] / -d[shrinking]).min()))
+        v = np.maximum(v + alpha * d, 0.0)
         if alpha < 1.0:  # the blocking member(s) reach 0 and leave the face
             free &= v > 1e-15
             v[~free] = 0.0
         v /= v.sum()
-    return v
+    return torch.from_numpy(v)
 
 
 def _optimal_state(
