@@ -329,7 +329,12 @@ class _PassBuffers:
 
     def __init__(self, scores: torch.Tensor) -> None:
         K, T, V = scores.shape
-        self.chunk = max(1, min(T, _BLOCK_ELEMENTS // max(1, K * V)))
+        limit = _BLOCK_ELEMENTS
+        if (
+            scores.is_cuda
+        ):  # fewer, larger chunks (launches); the scratch stays within a quarter of the scores
+            limit = max(limit, min(K * T * V // 4, 1 << 28))
+        self.chunk = max(1, min(T, limit // max(1, K * V)))
         self.fused = torch.empty(self.chunk * V, dtype=scores.dtype, device=scores.device)
         self._products: torch.Tensor | None = None
         self._shape = (K, V)
@@ -360,13 +365,13 @@ def _loss_only(w: torch.Tensor, logprobs: torch.Tensor, tgt: torch.Tensor, work:
     """Eq. 3's objective at ``w`` (one pass, no temporaries beyond ``work``); ``tgt`` is ``(K, T)``."""
     K, T, V = logprobs.shape
     wd = w.to(device=logprobs.device, dtype=logprobs.dtype)
-    loss = 0.0
+    loss = torch.zeros((), dtype=torch.float64, device=logprobs.device)  # on the device: one sync per pass
     for start in range(0, T, work.chunk):
         s = logprobs[:, start : start + work.chunk]  # (K, c, V)
         c = s.shape[1]
         _, _, lse = _fused_exp(wd, s.reshape(K, c * V), work.fused[: c * V], V)
-        loss += float((lse - wd @ tgt[:, start : start + c]).double().sum())
-    return loss / T
+        loss += (lse - wd @ tgt[:, start : start + c]).double().sum()
+    return float(loss) / T
 
 
 def _loss_grad_hess(
@@ -383,7 +388,7 @@ def _loss_grad_hess(
     if work is None:
         work = _PassBuffers(logprobs)
     wd = w.to(device=logprobs.device, dtype=logprobs.dtype)
-    loss = 0.0
+    loss = torch.zeros((), dtype=torch.float64, device=logprobs.device)  # on the device: one sync per pass
     grad = torch.zeros(K, dtype=torch.float64, device=logprobs.device)
     hess = torch.zeros(K, K, dtype=torch.float64, device=logprobs.device)
     for start in range(0, T, work.chunk):
@@ -399,10 +404,10 @@ def _loss_grad_hess(
         else:  # c small (K, V) @ (V, K) products: twice as fast on a CPU as the one product
             second = torch.bmm(ps.transpose(0, 1), s.permute(1, 2, 0)).double().sum(0)  # (K, K)
         t = tgt[:, start : start + c]
-        loss += float((lse - wd @ t).double().sum())
+        loss += (lse - wd @ t).double().sum()
         grad += (mean_s - t).double().sum(-1)
         hess += second - mean_s.double() @ mean_s.double().T
-    return loss / T, (grad / T).cpu(), (hess / T).cpu()
+    return float(loss) / T, (grad / T).cpu(), (hess / T).cpu()
 
 
 def optimal(
