@@ -564,40 +564,44 @@ class FusionEngine:
         input_ids, mask = self._pad(batch)
         padded = any(len(ids) != input_ids.shape[1] for ids in batch)
         positions = (mask.cumsum(-1) - 1).clamp(min=0) if padded else None
-        dtype = self._scores_dtype
-        lowest = torch.finfo(dtype).min
         K, (B, L) = len(self.members), input_ids.shape
-        scores = torch.empty((K, B, L, self.vocab_size), dtype=dtype, device=self.mix_device)
+        scores = torch.empty((K, B, L, self.vocab_size), dtype=self._scores_dtype, device=self.mix_device)
         caches = [DynamicCache(config=m.model.config) if use_cache else None for m in self.members]
 
-        def one(k: int) -> None:
-            args = (input_ids, mask if padded else None, positions, caches[k])
-            head = self._linear_head(k) if self._token_map(self._ref, k) is None else None
-            if head is None:
-                logits = self._logits(k, *args)
-                if logits.dtype == dtype and logits.device == scores.device:
-                    torch.clamp(logits, min=lowest, out=scores[k])
-                else:
-                    scores[k].copy_(logits).clamp_min_(lowest)
-                return
-            h = self._logits(k, *args, hidden=True).flatten(0, 1)  # (B*L, H)
-            weight = head.weight[: self.vocab_size]
-            bias = None if head.bias is None else head.bias[: self.vocab_size]
-            out = scores[k].view(B * L, -1)
-            with torch.no_grad():
-                if h.device != scores.device:
-                    out.copy_(torch.nn.functional.linear(h, weight, bias)).clamp_min_(lowest)
-                elif h.dtype == dtype:  # a linear layer: finite, no clamp
-                    if bias is None:
-                        torch.mm(h, weight.T, out=out)
-                    else:
-                        torch.addmm(bias, h, weight.T, out=out)
-                else:
-                    _mm_upcast(h, weight, bias, out)
-
-        self._run_members(one)
+        unpadded_mask = mask if padded else None
+        self._run_members(
+            lambda k: self._prefill_member(k, scores[k], input_ids, unpadded_mask, positions, caches[k])
+        )
         last = scores[:, :, -1].clone()  # (K, B, V): the buffer is freed after the solve
         return scores, input_ids, mask, caches, last
+
+    def _prefill_member(self, k: int, out: torch.Tensor, input_ids, mask, positions, cache) -> None:
+        """Member k's forward over the batch, its logits written into ``out`` ``(B, L, V)`` (a slice of the
+        solve buffer): through :meth:`_linear_head` when it applies (one matrix product into ``out``),
+        else the model's own logits copied in."""
+        lowest = torch.finfo(out.dtype).min
+        head = self._linear_head(k) if self._token_map(self._ref, k) is None else None
+        if head is None:
+            logits = self._logits(k, input_ids, mask, positions, cache)
+            if logits.dtype == out.dtype and logits.device == out.device:
+                torch.clamp(logits, min=lowest, out=out)
+            else:
+                out.copy_(logits).clamp_min_(lowest)
+            return
+        h = self._logits(k, input_ids, mask, positions, cache, hidden=True).flatten(0, 1)  # (B*L, H)
+        weight = head.weight[: self.vocab_size]
+        bias = None if head.bias is None else head.bias[: self.vocab_size]
+        out = out.view(h.shape[0], -1)
+        with torch.no_grad():
+            if h.device != out.device:
+                out.copy_(torch.nn.functional.linear(h, weight, bias)).clamp_min_(lowest)
+            elif h.dtype == out.dtype:  # a linear layer: finite, no clamp
+                if bias is None:
+                    torch.mm(h, weight.T, out=out)
+                else:
+                    torch.addmm(bias, h, weight.T, out=out)
+            else:
+                _mm_upcast(h, weight, bias, out)
 
     # ------------------------------------------------------------------ weights
 
