@@ -407,7 +407,8 @@ def _loss_grad_hess(
         loss += (lse - wd @ t).double().sum()
         grad += (mean_s - t).double().sum(-1)
         hess += second - mean_s.double() @ mean_s.double().T
-    return float(loss) / T, (grad / T).cpu(), (hess / T).cpu()
+    packed = (torch.cat([loss.view(1), grad, hess.flatten()]) / T).cpu()  # one transfer
+    return float(packed[0]), packed[1 : K + 1], packed[K + 1 :].view(K, K)
 
 
 def optimal(
