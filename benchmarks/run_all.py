@@ -1,6 +1,6 @@
 """Run every benchmark and write the tables and JSON: a thin wrapper over ``packllm bench``.
 
-python benchmarks/run_all.py --quick --out docs/bench-quick.json
+python benchmarks/run_all.py --quick --out docs/results/bench-cpu-quick.json
 python benchmarks/run_all.py --device cuda --out bench-cuda.json
 """
 

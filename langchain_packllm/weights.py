@@ -55,9 +55,17 @@ def target_scores(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def target_logprobs(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Each member's log-probability of the true next token: ``(K, T, V), (T,) -> (K, T)``.
 
-    The scores are normalised here (``s - logsumexp_v s``), so raw logits give the same answer.
+    The scores are normalised here (``s - logsumexp_v s``), so raw logits give the same answer. The
+    log-partition is taken in blocks of at most ``_BLOCK_ELEMENTS`` scores (``logsumexp`` makes a temporary
+    as large as its input).
     """
-    return target_scores(logprobs, targets) - torch.logsumexp(logprobs, dim=-1)
+    K, T, V = logprobs.shape
+    lse = torch.empty((K, T), dtype=logprobs.dtype, device=logprobs.device)
+    step = max(1, _BLOCK_ELEMENTS // max(1, V))
+    for k in range(K):
+        for start in range(0, T, step):
+            torch.logsumexp(logprobs[k, start : start + step], dim=-1, out=lse[k, start : start + step])
+    return target_scores(logprobs, targets) - lse
 
 
 def perplexities(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
