@@ -588,7 +588,11 @@ class FusionEngine:
             else:
                 out.copy_(logits).clamp_min_(lowest)
             return
-        h = self._logits(k, input_ids, mask, positions, cache, hidden=True).flatten(0, 1)  # (B*L, H)
+        try:
+            h = self._logits(k, input_ids, mask, positions, cache, hidden=True).flatten(0, 1)  # (B*L, H)
+        except TypeError:  # a base model that does not take these arguments: the model's own forward
+            self._heads[k] = None
+            return self._prefill_member(k, out, input_ids, mask, positions, cache)
         weight = head.weight[: self.vocab_size]
         bias = None if head.bias is None else head.bias[: self.vocab_size]
         out = out.view(h.shape[0], -1)

@@ -374,3 +374,21 @@ def test_nan_while_decoding_is_named(members64, temperature: float, bad_value: f
     sampling = SamplingConfig(max_new_tokens=4, temperature=temperature, seed=0)
     with pytest.raises(FloatingPointError, match="'flaky'"):
         engine.generate(["import os"], WeightingConfig(weighting=[0.5, 0.5]), sampling)
+
+
+def test_a_base_model_that_refuses_the_arguments_falls_back_to_the_model(members64) -> None:
+    from langchain_packllm.engine import _LinearHead
+
+    engine = FusionEngine(members64[:2])
+    head = engine._linear_head(1)
+
+    class Narrow(torch.nn.Module):
+        def forward(self, input_ids, use_cache=False):  # no attention mask, position ids or cache
+            raise AssertionError("not reached: the call's arguments do not fit")
+
+    engine._heads[1] = _LinearHead(Narrow(), head.weight, head.bias)
+    fixed = [0.5, 0.5]
+    out = engine.generate(PROMPTS[:2], WeightingConfig(weighting=fixed), SamplingConfig(max_new_tokens=6))
+    assert engine._heads[1] is None
+    for prompt, o in zip(PROMPTS[:2], out):
+        assert o.token_ids == naive_greedy(members64[:2], fixed, prompt, 6)
