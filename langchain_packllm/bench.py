@@ -54,10 +54,11 @@ logger = logging.getLogger(__name__)
 
 SECTIONS = ("decode", "ttft", "solve", "memory")
 
-# Bench member shapes (hidden width, layers). "toy" keeps a CPU run short, but its forward is mostly the LM
+# Bench member shapes (hidden width, layers). "micro" members cost little more than the host's Python per
+# step, which shows the fusion's own host-side cost per step. "toy" keeps a CPU run short, but its forward is mostly the LM
 # head, so fixed per-step costs weigh far more than they would with real members; "1b" is TinyLlama's
 # shape (about 1.1B parameters at vocabulary 32k), the size of the paper's smallest members.
-MEMBER_SIZES = {"toy": (256, 4), "small": (768, 12), "1b": (2048, 22)}
+MEMBER_SIZES = {"micro": (32, 1), "toy": (256, 4), "small": (768, 12), "1b": (2048, 22)}
 
 
 @dataclass
@@ -770,7 +771,8 @@ def add_bench_commands(sub) -> None:
         "--size",
         choices=sorted(MEMBER_SIZES),
         default="toy",
-        help="bench member shape: toy (hidden 256, 4 layers; default), small (768, 12), 1b (2048, 22)",
+        help="bench member shape: micro (hidden 32, 1 layer), toy (256, 4; default), small (768, 12), "
+        "1b (2048, 22)",
     )
     p.add_argument("--dtype", default="float32", help="members' dtype: float32 (default), bfloat16, float16")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

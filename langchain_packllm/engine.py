@@ -276,6 +276,7 @@ class FusionEngine:
         self.vocab_size = min(m.vocab_size for m in members)
         self._use_reference(0)  # aligned packs: the reference vocabulary's size
         self._heads: dict[int, _LinearHead | None] = {}
+        self._devices = [m.device for m in members]  # read once: a model's device lookup is slow
         self._scores_dtype = torch.float32  # the prompt scores' dtype: at least float32
         for m in members:
             self._scores_dtype = torch.promote_types(self._scores_dtype, m.model.dtype)
@@ -462,7 +463,7 @@ class FusionEngine:
         MinED token map. ``hidden=True`` runs the base model only and returns its last hidden state
         ``(B, L, H)`` (see :meth:`_linear_head`)."""
         member = self.members[k]
-        dev = member.device
+        dev = self._devices[k]
         input_ids = input_ids.to(dev)
         token_map = self._token_map(self._ref, k)
         if token_map is not None:
@@ -882,8 +883,7 @@ class FusionEngine:
             probs = torch.softmax(fused, dim=-1).nan_to_num_(1.0)  # flagged rows stay samplable
             next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
-            next_ids = torch.argmax(fused, dim=-1)  # NaN counts as the maximum
-            top = fused.gather(-1, next_ids[:, None]).squeeze(1)
+            top, next_ids = fused.max(dim=-1)  # NaN counts as the maximum
         B = next_ids.shape[0]
         exact = fused.dtype if self.vocab_size < 2**24 else torch.float64  # ids as floats, exactly
         values = torch.cat([next_ids.to(exact), top.to(exact)]).tolist()
