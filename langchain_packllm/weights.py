@@ -455,32 +455,50 @@ def _face_newton(free: torch.Tensor, g: torch.Tensor, H: torch.Tensor) -> tuple[
 
 def _face_newton_np(free: np.ndarray, g: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, float]:
     # K-sized arrays: numpy costs microseconds where torch's per-op overhead costs tens.
+    K = g.shape[0]
     idx = np.flatnonzero(free)
     n = idx.size
-    Hff = H[np.ix_(idx, idx)]
-    ridge = 1e-12 * max(1.0, float(np.abs(np.diag(Hff)).max()))
+    Hff, gf = (H, g) if n == K else (H[np.ix_(idx, idx)], g[idx])
     kkt = np.zeros((n + 1, n + 1))
-    kkt[:n, :n] = Hff + ridge * np.eye(n)
+    kkt[:n, :n] = Hff
+    diag = np.arange(n)
+    kkt[diag, diag] += 1e-12 * max(1.0, float(np.abs(kkt[diag, diag]).max()))  # ridge
     kkt[:n, n] = 1.0
     kkt[n, :n] = 1.0
-    rhs = np.concatenate([-g[idx], [0.0]])
-    sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
-    d = np.zeros(g.shape[0])
+    rhs = np.zeros(n + 1)
+    rhs[:n] = -gf
+    try:
+        sol = np.linalg.solve(kkt, rhs)
+    except np.linalg.LinAlgError:
+        sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+    if not np.isfinite(sol).all():
+        sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+    d = np.zeros(K)
     d[idx] = sol[:n]
     return d, -float(sol[n])
 
 
-def _simplex_qp(w: torch.Tensor, g: torch.Tensor, H: torch.Tensor, max_iter: int = 100) -> torch.Tensor:
+def _simplex_qp(
+    w: torch.Tensor,
+    g: torch.Tensor,
+    H: torch.Tensor,
+    max_iter: int = 100,
+    first: tuple[torch.Tensor, float] | None = None,
+) -> torch.Tensor:
     """Minimiser over the simplex of the quadratic model ``g.(v - w) + (v - w)^T H (v - w) / 2`` of the
     loss around ``w`` (``H`` positive semi-definite): the active-set method on ``K``-sized arrays only, no
     pass over the scores. Members leave the free set when their weight reaches 0 and join it when their
-    reduced gradient is negative at the face's minimum."""
+    reduced gradient is negative at the face's minimum. ``first`` is :func:`_face_newton` at ``w`` on the
+    face ``w > 0`` when the caller has it."""
     w0, gn, Hn = w.numpy(), g.numpy(), H.numpy()
     v = w0.copy()
     free = v > 0
-    for _ in range(max_iter):
+    for i in range(max_iter):
         gv = gn + Hn @ (v - w0)
-        d, mu = _face_newton_np(free, gv, Hn)
+        if i == 0 and first is not None:
+            d, mu = first[0].numpy(), first[1]
+        else:
+            d, mu = _face_newton_np(free, gv, Hn)
         if float(np.abs(d).max()) < 1e-12:
             reduced = gv - mu
             reduced[free] = 0.0
@@ -555,7 +573,7 @@ def _optimal_state(
                     w = w + d
                     w /= w.sum()
                 break
-        d = _simplex_qp(w, g, H) - w  # feasible for every step length in [0, 1]
+        d = _simplex_qp(w, g, H, first=(d, mu)) - w  # feasible for every step length in [0, 1]
         slope = float(g @ d)
         if slope > -tol:
             break  # the model sees no descent left
