@@ -392,3 +392,82 @@ def test_a_base_model_that_refuses_the_arguments_falls_back_to_the_model(members
     assert engine._heads[1] is None
     for prompt, o in zip(PROMPTS[:2], out):
         assert o.token_ids == naive_greedy(members64[:2], fixed, prompt, 6)
+
+
+ARCHS = {  # tiny configs; "direct": whether the logits are a plain linear layer over the base model
+    "phi": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128), True),
+    "mistral": (
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+        ),
+        True,
+    ),
+    "gpt_neox": (
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+        True,
+    ),
+    "opt": (
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=32),
+        True,
+    ),
+    "falcon": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4), True),
+    "gpt_bigcode": (dict(n_embd=64, n_layer=2, n_head=4), True),
+    "bloom": (dict(hidden_size=64, n_layer=2, n_head=4), True),
+    "cohere": (  # logits scaled after the head
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+        ),
+        False,
+    ),
+    "gemma2": (  # logits soft-capped after the head
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+        ),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_prefill_scores_equal_the_models_own_logits_across_architectures(arch: str) -> None:
+    """The linear-head shortcut is taken exactly where the logits are a plain linear layer (and refused
+    where something follows it); either way the solve buffer holds the model's own logits, and decoding
+    runs, for a left-padded batch."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from langchain_packllm.bench import word_tokenizer
+    from langchain_packllm.members import Member
+
+    spec, direct = ARCHS[arch]
+    if arch == "cohere":
+        spec = {**spec, "logit_scale": 0.5}
+    config = AutoConfig.for_model(
+        arch, vocab_size=300, bos_token_id=1, eos_token_id=None, pad_token_id=0, **spec
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    engine = FusionEngine([Member(arch, model, word_tokenizer(300))])
+    prompts = [" ".join(f"w{i}" for i in range(3, 3 + n)) for n in (4, 9)]
+    scores, ids, mask, _, _ = engine._prefill_scores([engine.encode(p) for p in prompts], use_cache=True)
+    assert (engine._linear_head(0) is not None) == direct
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[
+            ..., : engine.vocab_size
+        ]
+    real = mask.bool()
+    assert torch.allclose(scores[0][real], own[real], rtol=1e-4, atol=1e-4)
+    outs = engine.generate(prompts, WeightingConfig(weighting=[1.0]), SamplingConfig(max_new_tokens=3))
+    assert [len(o.token_ids) for o in outs] == [3, 3]
