@@ -73,8 +73,8 @@ class SamplingConfig:
     ``logits_processors`` are extra transformers ``LogitsProcessor``s (``__call__(input_ids, scores) ->
     scores``) applied to the fused scores after the repetition penalty and before temperature, top-k and
     top-p (e.g. a grammar mask). The scores every processor sees (the repetition penalty included) are the
-    fused log-probs ``log_softmax(sum_k w_k logits_k)``. ``input_ids`` is ``(B, L + t)``: the left-padded prompts (same width ``L``
-    for every row) followed by the ``t`` tokens generated so far.
+    fused log-probs ``log_softmax(sum_k w_k logits_k)``. ``input_ids`` is ``(B, L + t)``: the left-padded
+    prompts (same width ``L`` for every row) followed by the ``t`` tokens generated so far.
     """
 
     max_new_tokens: int = 256
@@ -276,7 +276,11 @@ class FusionEngine:
         self.vocab_size = min(m.vocab_size for m in members)
         self._use_reference(0)  # aligned packs: the reference vocabulary's size
         self._heads: dict[int, _LinearHead | None] = {}
-        self._devices = [m.device for m in members]  # read once: a model's device lookup is slow
+        # Read once: these lookups walk the model or its config and cost tens of microseconds each.
+        self._devices = [m.device for m in members]
+        lengths = [m.max_length for m in members if m.max_length is not None]
+        self._max_length = min(lengths) if lengths else None
+        self._eos_ids = [m.eos_token_ids for m in members]
         self._scores_dtype = torch.float32  # the prompt scores' dtype: at least float32
         for m in members:
             self._scores_dtype = torch.promote_types(self._scores_dtype, m.model.dtype)
@@ -304,16 +308,11 @@ class FusionEngine:
 
     @property
     def max_length(self) -> int | None:
-        """The shortest member context (read from the configs once: they are slow to query per call)."""
-        if not hasattr(self, "_max_length"):
-            lengths = [m.max_length for m in self.members if m.max_length is not None]
-            self._max_length = min(lengths) if lengths else None
+        """The shortest member context."""
         return self._max_length
 
     def _eos(self, k: int | None = None) -> set[int]:
-        """Member k's end-of-sequence ids, or every member's (cached)."""
-        if not hasattr(self, "_eos_ids"):
-            self._eos_ids = [m.eos_token_ids for m in self.members]
+        """Member k's end-of-sequence ids, or every member's."""
         return self._eos_ids[k] if k is not None else set().union(*self._eos_ids)
 
     def _first_vocabulary_mismatch(self) -> tuple[str, str] | None:
@@ -563,7 +562,7 @@ class FusionEngine:
         (e.g. one prompt) is run without attention mask and position ids, as a member alone would be.
         """
         input_ids, mask = self._pad(batch)
-        padded = any(len(ids) != input_ids.shape[1] for ids in batch)
+        padded = _is_padded(batch)
         positions = (mask.cumsum(-1) - 1).clamp(min=0) if padded else None
         K, (B, L) = len(self.members), input_ids.shape
         scores = torch.empty((K, B, L, self.vocab_size), dtype=self._scores_dtype, device=self.mix_device)
@@ -670,7 +669,7 @@ class FusionEngine:
             reports.append(report)
         del scores  # decoding needs only the caches and the last logits
         mixer = _Mixer.build(torch.stack(rows_w), self.mix_device, last.dtype)
-        padded = len({len(ids) for ids in batch}) > 1
+        padded = _is_padded(batch)
         last_scores = [last[k] if k in mixer.active else None for k in range(len(self.members))]
         positions = mask.sum(-1, keepdim=True) if padded else None  # (B, 1)
         return _Prefill(caches, mask if padded else None, positions, mixer, last_scores, reports, input_ids)
@@ -1074,6 +1073,11 @@ def _mm_upcast(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 out += bias
             return
     out.copy_(torch.nn.functional.linear(h, weight, bias))
+
+
+def _is_padded(batch: Sequence[Sequence[int]]) -> bool:
+    """Whether left-padding a batch of token-id lists pads any row (their lengths differ)."""
+    return len({len(ids) for ids in batch}) > 1
 
 
 def _check_model_fits_tokenizer(m: Member) -> None:
