@@ -96,6 +96,53 @@ ARCH_CONFIGS = {
         intermediate_size=128,
         max_position_embeddings=256,
     ),
+    # More architectures, for tests that must hold across model families (e.g. the engine's prefill).
+    "phi": dict(
+        model_type="phi", num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128
+    ),
+    "mistral": dict(
+        model_type="mistral",
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+    ),
+    "gpt_neox": dict(
+        model_type="gpt_neox",
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=128,
+    ),
+    "opt": dict(
+        model_type="opt",
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_dim=128,
+        word_embed_proj_dim=32,
+    ),
+    "falcon": dict(model_type="falcon", num_hidden_layers=2, hidden_size=64, num_attention_heads=4),
+    "gpt_bigcode": dict(model_type="gpt_bigcode", n_layer=2, n_embd=64, n_head=4),
+    "bloom": dict(model_type="bloom", n_layer=2, hidden_size=64, n_head=4),
+    "cohere": dict(  # scales its logits after the output layer
+        model_type="cohere",
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        logit_scale=0.5,
+    ),
+    "gemma2": dict(  # soft-caps its logits after the output layer
+        model_type="gemma2",
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+    ),
 }
 
 
