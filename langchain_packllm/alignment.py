@@ -571,10 +571,7 @@ class MinEDMap:
 
     def ids_on(self, device: torch.device | str) -> torch.Tensor:
         """The map as an int64 tensor on ``device`` (copied once per device)."""
-        device = torch.device(device)
-        if device not in self._device_ids:
-            self._device_ids[device] = torch.as_tensor(self.ids, dtype=torch.long, device=device)
-        return self._device_ids[device]
+        return _int64_on(self._device_ids, self.ids, device)
 
     def map_ids(self, src_ids: torch.Tensor) -> torch.Tensor:
         """Source token ids (any shape) -> destination token ids (same shape)."""
@@ -601,6 +598,14 @@ class MinEDMap:
             "mined", MINED_VERSION, src, dst, ("ids", "exact"), _build_mined, cache_dir, use_cache
         )
         return cls(ids, exact, dst.vocab_size, key=key, from_cache=hit, build_seconds=seconds)
+
+
+def _int64_on(copies: dict, array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """``array`` as an int64 tensor on ``device``, made once per device and kept in ``copies``."""
+    device = torch.device(device)
+    if device not in copies:
+        copies[device] = torch.as_tensor(array, dtype=torch.long, device=device)
+    return copies[device]
 
 
 def _cached_map(
@@ -777,10 +782,7 @@ class PrefixMap:
 
     def index_on(self, device: torch.device | str) -> torch.Tensor:
         """``dst_index`` as an int64 tensor on ``device`` (copied once per device)."""
-        device = torch.device(device)
-        if device not in self._device_index:
-            self._device_index[device] = torch.as_tensor(self.dst_index, dtype=torch.long, device=device)
-        return self._device_index[device]
+        return _int64_on(self._device_index, self.dst_index, device)
 
     def map_probs(self, src_probs: torch.Tensor) -> torch.Tensor:
         """(B, V_src) probabilities -> (B, V_dst) probabilities with the same row sums: ``p @ matrix``.

@@ -344,9 +344,8 @@ class FusionEngine:
                 from langchain_packllm.alignment import MinEDMap
 
                 mined = MinEDMap.from_tokenizers(self.members[ref].tokenizer, self.members[k].tokenizer)
-                dev = self.members[k].device
-                ids = torch.as_tensor(mined.ids, dtype=torch.long)
-                self._maps[key] = _TokenMap(ids.to(dev), ~torch.as_tensor(mined.exact).to(self.mix_device))
+                approx = ~torch.as_tensor(mined.exact).to(self.mix_device)
+                self._maps[key] = _TokenMap(mined.ids_on(self._devices[k]), approx)
         return self._maps[key]
 
     def _aligner(self, ref: int, k: int):
