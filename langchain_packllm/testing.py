@@ -76,37 +76,25 @@ def train_metaspace_tokenizer(text: str, vocab_size: int = 400) -> PreTrainedTok
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), **SPECIALS)
 
 
+# Llama-shaped decoders (grouped-query attention) share their sizes.
+_LLAMA_LIKE = dict(
+    num_hidden_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+)
+
 ARCH_CONFIGS = {
     "gpt2": dict(model_type="gpt2", n_layer=2, n_embd=64, n_head=4, n_positions=256),
-    "llama": dict(
-        model_type="llama",
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=256,
-    ),
-    "qwen2": dict(
-        model_type="qwen2",
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=256,
-    ),
+    "llama": dict(model_type="llama", max_position_embeddings=256, **_LLAMA_LIKE),
+    "qwen2": dict(model_type="qwen2", max_position_embeddings=256, **_LLAMA_LIKE),
     # More architectures, for tests that must hold across model families (e.g. the engine's prefill).
+    "mistral": dict(model_type="mistral", **_LLAMA_LIKE),
+    "cohere": dict(model_type="cohere", logit_scale=0.5, **_LLAMA_LIKE),  # scales its logits after the head
+    "gemma2": dict(model_type="gemma2", **_LLAMA_LIKE),  # soft-caps its logits after the head
     "phi": dict(
         model_type="phi", num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128
-    ),
-    "mistral": dict(
-        model_type="mistral",
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
     ),
     "gpt_neox": dict(
         model_type="gpt_neox",
@@ -126,23 +114,6 @@ ARCH_CONFIGS = {
     "falcon": dict(model_type="falcon", num_hidden_layers=2, hidden_size=64, num_attention_heads=4),
     "gpt_bigcode": dict(model_type="gpt_bigcode", n_layer=2, n_embd=64, n_head=4),
     "bloom": dict(model_type="bloom", n_layer=2, hidden_size=64, n_head=4),
-    "cohere": dict(  # scales its logits after the output layer
-        model_type="cohere",
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        logit_scale=0.5,
-    ),
-    "gemma2": dict(  # soft-caps its logits after the output layer
-        model_type="gemma2",
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-    ),
 }
 
 
