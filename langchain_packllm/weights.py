@@ -239,11 +239,8 @@ def _losses_grads(
     for start in range(0, cand.shape[0], block):
         w = cand[start : start + block]  # (g, K)
         g = w.shape[0]
-        e = torch.mm(w, flat, out=buf[:g]).view(g, T, V)  # fused scores
-        m = e.amax(-1, keepdim=True)  # (g, T, 1)
-        e.sub_(m).exp_()  # unnormalised fused distribution, its largest entry is 1
-        z = e.sum(-1)  # (g, T)
-        lse = m.squeeze(-1) + z.log()  # (g, T)
+        e, z, lse = _fused_exp(w, flat, buf[:g], V)  # unnormalised fused distribution, its row sums
+        e, z, lse = e.view(g, T, V), z.view(g, T), lse.view(g, T)
         losses.append((lse - w @ tgt).double().mean(-1))
         mean_s = torch.bmm(e.transpose(0, 1), by_position)  # (T, g, K)  sum_v e_v s_kv
         mean_s = mean_s.double() / z.T.double().unsqueeze(-1)  # E_p[s_k]
@@ -355,17 +352,19 @@ class _PassBuffers:
 
 
 def _fused_exp(
-    wd: torch.Tensor, flat: torch.Tensor, out: torch.Tensor, V: int
+    w: torch.Tensor, flat: torch.Tensor, out: torch.Tensor, V: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``e = exp(fused - max)`` in ``out`` ``(c, V)``, its row sums ``(c, 1)`` and the log-partition ``(c,)``
-    of ``fused = wd @ flat``.
+    """``e = exp(fused - max)`` in ``out`` ``(g * c, V)``, its row sums ``(g * c, 1)`` and the log-partition
+    ``(g * c,)`` of ``fused = w @ flat``, for ``g`` weight vectors ``w`` ``(g, K)`` (or one, ``(K,)``) over
+    ``c`` positions (``flat`` is ``(K, c * V)``).
 
     In place on one buffer: the fused scores, their row maximum, ``exp`` of the difference, its row sum.
     """
-    e = torch.mm(wd.view(1, -1), flat, out=out.view(1, -1)).view(-1, V)  # (c, V) fused scores
-    m = e.amax(-1, keepdim=True)  # (c, 1)
+    w = w.view(-1, w.shape[-1])  # (g, K)
+    e = torch.mm(w, flat, out=out.view(w.shape[0], -1)).view(-1, V)  # (g * c, V) fused scores
+    m = e.amax(-1, keepdim=True)  # (g * c, 1)
     e.sub_(m).exp_()  # largest entry of each row is 1
-    z = e.sum(-1, keepdim=True)  # (c, 1)
+    z = e.sum(-1, keepdim=True)  # (g * c, 1)
     return e, z, (m + z.log()).squeeze(-1)
 
 
