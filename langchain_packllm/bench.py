@@ -213,26 +213,11 @@ def _unpadded(mask: torch.Tensor) -> torch.Tensor | None:
     return None if bool(mask.all()) else mask
 
 
-@torch.inference_mode()
 def member_step_seconds(model, input_ids: torch.Tensor, mask: torch.Tensor, steps: int) -> float:
     """Seconds per cached single-token greedy step of one model alone (forward + argmax). The attention
     mask is grown and passed only when some row is padded. The loop never waits for the device (no host
     read of the tokens), so on a GPU this bound is tighter than any decoder that checks for EOS."""
-    dev = model.device
-    input_ids, mask = input_ids.to(dev), _unpadded(mask.to(dev))
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-    tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    ones = None if mask is None else torch.ones_like(mask[:, :1])
-    _sync(dev)
-    start = time.perf_counter()
-    for _ in range(steps):
-        if mask is not None:
-            mask = torch.cat([mask, ones], dim=1)
-        out = model(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(dev)
-    return (time.perf_counter() - start) / steps
+    return members_in_turn_step_seconds([model], input_ids, mask, steps)
 
 
 @torch.inference_mode()
