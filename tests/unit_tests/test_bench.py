@@ -1,0 +1,66 @@
+"""``packllm bench`` end to end on members small enough for the unit suite: every section runs and reports
+what its tables read, and the solver rows agree with each other where they must (timings are not checked:
+they are the benchmark's output, never a test's)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from langchain_packllm.bench import BenchConfig, format_results, run_all
+
+
+@pytest.fixture(scope="module")
+def results():
+    cfg = BenchConfig(
+        vocab_size=300,
+        hidden=32,
+        layers=1,
+        ks=(1, 2),
+        batch_sizes=(1, 3),
+        decode_prompt=8,
+        decode_tokens=3,
+        ttft_prompt=16,
+        repeats=2,
+        solve_ks=(2, 3),
+        solve_lengths=(8,),
+        solve_vocabs=(64,),
+        solve_repeats=1,
+        grid_step=0.1,
+        memory_prompt=16,
+    )
+    return run_all(cfg)
+
+
+def test_decode_rows_hold_both_bounds(results) -> None:
+    assert [(r["K"], r["batch"]) for r in results.decode] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    for r in results.decode:
+        assert len(r["member_step_ms"]) == r["K"] and len(r["generate_step_ms"]) == r["K"]
+        for key in ("ratio_to_bound", "ratio_to_members_in_turn", "ratio_to_generate_sum"):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+
+
+def test_ttft_and_memory_rows(results) -> None:
+    assert [r["K"] for r in results.ttft] == [2]
+    assert all(r["ttft_ms"] > 0 and math.isfinite(r["ratio_to_prefill_plus_solve"]) for r in results.ttft)
+    assert [r["K"] for r in results.memory] == [1, 2]
+
+
+def test_solver_rows_agree(results) -> None:
+    rows = {(r["solver"], r["K"]): r for r in results.solve}
+    assert set(rows) == {(s, K) for s in ("optimal", "greedy", "grid", "grid-exhaustive") for K in (2, 3)}
+    for K in (2, 3):
+        # The branch-and-bound grid finds the exhaustive grid's point; optimal is at or below both.
+        assert rows["grid", K]["loss"] == pytest.approx(rows["grid-exhaustive", K]["loss"], abs=1e-6)
+        assert rows["grid-exhaustive", K]["evaluated"] == rows["grid-exhaustive", K]["points"]
+        assert rows["grid", K]["evaluated"] <= rows["grid", K]["points"]
+        for rival in ("greedy", "grid"):
+            assert rows["optimal", K]["loss"] <= rows[rival, K]["loss"] + 1e-6
+
+
+def test_tables_print_every_section(results) -> None:
+    text = format_results(results)
+    for title in ("## Decode", "## Time to first token", "## Weight solving", "## Peak memory"):
+        assert title in text
+    assert "fused / in turn" in text and "grid-exhaustive" in text
