@@ -42,8 +42,18 @@ import torch
 
 STRATEGIES = ("optimal", "greedy", "grid", "sim", "uniform", "top1")
 
-# Upper bound on the elements of one temporary (G, T, V) block when many weight vectors are scored.
+# Upper bound on the elements of one temporary block (of positions, or of (T, V) candidates) in the solvers'
+# passes over the scores. On a CPU the block is small: 4 MiB of float32 stays in cache, and it is below
+# glibc's mmap threshold, so a freed block is reused rather than page-faulted afresh: `optimal`, `grid` and
+# `greedy` ran 1.2-4x faster than with 2^25 (docs/PERFORMANCE.md, "Weight solving"). Accelerators take large
+# blocks: fewer kernel launches.
 _BLOCK_ELEMENTS = 1 << 25
+_CPU_BLOCK_ELEMENTS = 1 << 20
+
+
+def _block_elements(scores: torch.Tensor) -> int:
+    """Most elements of one temporary block for passes over ``scores`` (see ``_BLOCK_ELEMENTS``)."""
+    return _CPU_BLOCK_ELEMENTS if scores.device.type == "cpu" else _BLOCK_ELEMENTS
 
 
 def target_scores(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -56,12 +66,12 @@ def target_logprobs(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     """Each member's log-probability of the true next token: ``(K, T, V), (T,) -> (K, T)``.
 
     The scores are normalised here (``s - logsumexp_v s``), so raw logits give the same answer. The
-    log-partition is taken in blocks of at most ``_BLOCK_ELEMENTS`` scores (``logsumexp`` makes a temporary
+    log-partition is taken in blocks of at most ``_block_elements`` scores (``logsumexp`` makes a temporary
     as large as its input).
     """
     K, T, V = logprobs.shape
     lse = torch.empty((K, T), dtype=logprobs.dtype, device=logprobs.device)
-    step = max(1, _BLOCK_ELEMENTS // max(1, V))
+    step = max(1, _block_elements(logprobs) // max(1, V))
     for k in range(K):
         for start in range(0, T, step):
             torch.logsumexp(logprobs[k, start : start + step], dim=-1, out=lse[k, start : start + step])
@@ -87,7 +97,7 @@ def prompt_losses(candidates: torch.Tensor, logprobs: torch.Tensor, targets: tor
     flat = logprobs.reshape(K, T * V)  # (K, T*V), a view when positions and vocabulary are contiguous
     tgt = target_scores(logprobs, targets)  # (K, T)
     candidates = candidates.to(device=logprobs.device, dtype=logprobs.dtype)
-    block = max(1, _BLOCK_ELEMENTS // max(1, T * V))
+    block = max(1, _block_elements(logprobs) // max(1, T * V))
     out = []
     for start in range(0, candidates.shape[0], block):
         w = candidates[start : start + block]  # (g, K)
@@ -150,7 +160,7 @@ def _pair_losses(
     diff = fused - nxt  # (T, V)
     lam = lambdas.to(device=fused.device, dtype=fused.dtype)
     tgt = nxt_tgt + lam[:, None] * (fused_tgt - nxt_tgt)  # (n, T)
-    block = max(1, _BLOCK_ELEMENTS // max(1, T * V))
+    block = max(1, _block_elements(fused) // max(1, T * V))
     out = []
     for start in range(0, lam.numel(), block):
         cand = torch.addcmul(nxt, lam[start : start + block].view(-1, 1, 1), diff)  # (g, T, V)
@@ -289,7 +299,7 @@ def _grid(
         ppl = perplexities(scores, targets)
     tgt = target_scores(scores, targets)  # (K, T)
     w_opt, f_opt, g_opt, h_opt = _optimal_state(scores, targets, ppl, tgt)
-    block = max(1, min(round_size, _BLOCK_ELEMENTS // max(1, T * V)))
+    block = max(1, min(round_size, _block_elements(scores) // max(1, T * V)))
     buf = torch.empty(block, T * V, dtype=scores.dtype, device=scores.device)
     if tol is None:
         eps = torch.finfo(scores.dtype).eps
@@ -334,7 +344,7 @@ class _PassBuffers:
 
     def __init__(self, scores: torch.Tensor) -> None:
         K, T, V = scores.shape
-        limit = _BLOCK_ELEMENTS
+        limit = _block_elements(scores)
         if (
             scores.is_cuda
         ):  # fewer, larger chunks (launches); the scratch stays within a quarter of the scores

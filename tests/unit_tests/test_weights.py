@@ -302,3 +302,26 @@ def test_optimal_satisfies_kkt_on_faces_and_vertices(seed: int) -> None:
     assert torch.allclose(g[active], torch.full_like(g[active], mu), atol=1e-7)
     assert (g[~active] >= mu - 1e-7).all()
     assert loss == pytest.approx(plain_loss(w, lp, y), abs=1e-10)
+
+
+@pytest.mark.parametrize("block", [1, 200, 2000])
+def test_solvers_do_not_depend_on_the_block_size(block: int, monkeypatch) -> None:
+    """Passes over the scores run in blocks of positions or of candidates: any block size gives what the
+    default (one block for so small a problem) gives. Here K = 3, T = 20, V = 30: a block of 1 is one
+    position and one candidate at a time, 200 splits the positions unevenly (2 per pass chunk, 6 per
+    log-partition block), 2000 holds 3 candidates."""
+    lp, y = make_problem(4, 3, T=20)
+    whole = {name: W.solve_with_stats(name, lp, y) for name in ("optimal", "greedy", "grid", "uniform")}
+    cands = torch.tensor([[0.2, 0.5, 0.3], [1.0, 0.0, 0.0], [0.1, 0.1, 0.8]], dtype=torch.float64)
+    losses = W.prompt_losses(cands, lp, y)
+    monkeypatch.setattr(W, "_CPU_BLOCK_ELEMENTS", block)
+    for name, want in whole.items():
+        got = W.solve_with_stats(name, lp, y)
+        assert got.weights.tolist() == pytest.approx(want.weights.tolist(), abs=1e-12), name
+        assert got.loss == pytest.approx(want.loss, abs=1e-12) and torch.allclose(
+            got.perplexities, want.perplexities
+        )
+    assert torch.allclose(W.prompt_losses(cands, lp, y), losses, atol=1e-12, rtol=0)
+    assert W.prompt_losses(cands, lp, y).tolist() == pytest.approx(
+        [plain_loss(w, lp, y) for w in cands], abs=1e-10
+    )
