@@ -41,6 +41,12 @@ from transformers.generation.logits_process import (
 from langchain_packllm import weights as weights_lib
 from langchain_packllm.members import Member
 
+# On a CPU the engine keeps the (K, B, L, V) prompt-score buffer of a call for the next one when it holds at
+# most this many bytes (FusionEngine.empty_cache frees it). A fresh buffer of that size is above glibc's
+# mmap threshold, so each call would fault its pages in anew: 20 ms per 65 MB here, a fifth of toy members'
+# prefill. On CUDA the caching allocator already reuses memory.
+KEEP_BUFFER_BYTES = 256 << 20
+
 logger = logging.getLogger(__name__)
 
 
@@ -285,6 +291,8 @@ class FusionEngine:
         for m in members:
             self._scores_dtype = torch.promote_types(self._scores_dtype, m.model.dtype)
         self._lock = threading.Lock()  # not an RLock: async streams resume on other threads
+        self._spare: torch.Tensor | None = None  # the last prompt-score buffer, kept on the CPU
+        self._spare_lock = threading.Lock()
         self._set_device_groups(_device_groups(members))
 
     def _set_device_groups(self, groups: list[list[int]]) -> None:
@@ -294,6 +302,32 @@ class FusionEngine:
         self._pool = (
             ThreadPoolExecutor(len(groups), thread_name_prefix="packllm") if len(groups) > 1 else None
         )
+
+    def empty_cache(self) -> None:
+        """Free the prompt-score buffer kept between calls on the CPU (at most ``KEEP_BUFFER_BYTES``; it
+        spares the next call the page faults of a fresh buffer), as ``torch.cuda.empty_cache`` frees
+        CUDA's cached blocks."""
+        with self._spare_lock:
+            self._spare = None
+
+    def _score_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised ``shape`` tensor for the prompt scores: the kept buffer when it is large enough."""
+        numel = math.prod(shape)
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is None or spare.numel() < numel:
+            del spare  # freed before the new one is made
+            spare = torch.empty(numel, dtype=self._scores_dtype, device=self.mix_device)
+        return spare[:numel].view(shape)
+
+    def _recycle(self, scores: torch.Tensor) -> None:
+        """Keep the buffer behind ``scores`` (from :meth:`_score_buffer`; no view of it may be used after
+        this) for the next call, on a CPU and up to ``KEEP_BUFFER_BYTES``."""
+        flat = scores if scores._base is None else scores._base
+        if flat.device.type == "cpu" and flat.numel() * flat.element_size() <= KEEP_BUFFER_BYTES:
+            with self._spare_lock:
+                if self._spare is None or self._spare.numel() < flat.numel():
+                    self._spare = flat
 
     # ------------------------------------------------------------------ set-up
 
@@ -547,7 +581,9 @@ class FusionEngine:
         ``(B, L, V)`` (float32, mix device), positions left-padded to ``L``.
         """
         scores, input_ids, mask, caches, _ = self._prefill_scores(batch, use_cache=use_cache)
-        return [torch.log_softmax(s, dim=-1) for s in scores], input_ids, mask, caches
+        logprobs = [torch.log_softmax(s, dim=-1) for s in scores]
+        self._recycle(scores)
+        return logprobs, input_ids, mask, caches
 
     def _prefill_scores(self, batch: list[list[int]], *, use_cache: bool):
         """One forward per member over the left-padded batch.
@@ -564,7 +600,7 @@ class FusionEngine:
         padded = _is_padded(batch)
         positions = (mask.cumsum(-1) - 1).clamp(min=0) if padded else None
         K, (B, L) = len(self.members), input_ids.shape
-        scores = torch.empty((K, B, L, self.vocab_size), dtype=self._scores_dtype, device=self.mix_device)
+        scores = self._score_buffer((K, B, L, self.vocab_size))
         caches = [DynamicCache(config=m.model.config) if use_cache else None for m in self.members]
 
         unpadded_mask = mask if padded else None
@@ -666,7 +702,8 @@ class FusionEngine:
             self._note_alignment(report, input_ids[b, first:])
             rows_w.append(w)
             reports.append(report)
-        del scores  # decoding needs only the caches and the last logits
+        self._recycle(scores)  # decoding needs only the caches and the last logits
+        del scores, prompt_scores
         mixer = _Mixer.build(torch.stack(rows_w), self.mix_device, last.dtype)
         padded = _is_padded(batch)
         last_scores = [last[k] if k in mixer.active else None for k in range(len(self.members))]
@@ -1017,6 +1054,7 @@ class FusionEngine:
         cont = ids[n_ctx:]
         logprob = float(fused.gather(-1, cont.view(-1, 1)).sum())
         is_greedy = bool((fused.argmax(-1) == cont).all())
+        self._recycle(scores)
         return LoglikelihoodResult(logprob, is_greedy, report)
 
 

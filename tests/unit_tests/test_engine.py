@@ -277,6 +277,45 @@ def test_prefill_keeps_one_buffer_of_raw_logits(members64) -> None:
     assert torch.equal(last, scores[:, :, -1]) and last.data_ptr() != scores.data_ptr()  # a copy
 
 
+def test_the_prompt_score_buffer_is_reused_and_results_do_not_depend_on_it(members64, monkeypatch) -> None:
+    """On the CPU the buffer of one call serves the next (when large enough): a short prompt after a long
+    batch, and a long prompt after a short one, give what a fresh engine gives; results handed out
+    (member_logprobs, reports, loglikelihood) are never views of it; empty_cache and the size cap drop it."""
+    import langchain_packllm.engine as engine_mod
+
+    if DEVICE != "cpu":
+        pytest.skip("the buffer is kept on the CPU only")
+    weighting, sampling = WeightingConfig("optimal"), SamplingConfig(max_new_tokens=6)
+
+    def fresh(prompt: str):
+        return FusionEngine(members64).generate([prompt], weighting, sampling)[0]
+
+    engine = FusionEngine(members64)
+    logprobs, *_ = engine.member_logprobs([engine.encode(p) for p in PROMPTS])
+    kept = engine._spare
+    assert kept is not None and kept.numel() == 3 * len(PROMPTS) * logprobs[0].shape[1] * engine.vocab_size
+    before = [lp.clone() for lp in logprobs]
+    for prompt in (PROMPTS[3], PROMPTS[2], PROMPTS[0]):  # shorter than the batch: the same buffer
+        out, want = engine.generate([prompt], weighting, sampling)[0], fresh(prompt)
+        assert out.token_ids == want.token_ids
+        assert out.report.weights == pytest.approx(want.report.weights, abs=1e-9)
+        assert engine._spare is kept
+    assert all(torch.equal(a, b) for a, b in zip(before, logprobs))  # not overwritten by later calls
+
+    long = PROMPTS[2] * 4  # longer than the kept buffer: a new, larger one replaces it
+    out, want = engine.generate([long], weighting, sampling)[0], fresh(long)
+    assert out.token_ids == want.token_ids and engine._spare.numel() > kept.numel()
+    (ll,) = engine.loglikelihood([(PROMPTS[0], " x")])
+    (want_ll,) = FusionEngine(members64).loglikelihood([(PROMPTS[0], " x")])
+    assert ll.logprob == pytest.approx(want_ll.logprob, rel=1e-12)
+
+    engine.empty_cache()
+    assert engine._spare is None
+    monkeypatch.setattr(engine_mod, "KEEP_BUFFER_BYTES", 0)  # over the cap: not kept
+    assert engine.generate([PROMPTS[0]], weighting, sampling)[0].token_ids == fresh(PROMPTS[0]).token_ids
+    assert engine._spare is None
+
+
 def test_zero_weight_member_is_not_run_and_its_minus_inf_logits_are_harmless(members64) -> None:
     """A member whose weight is 0 in every row is not run while decoding, and its -inf logits (a model that
     masks tokens) do not turn the mix into NaN (0 * -inf)."""
