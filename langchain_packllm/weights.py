@@ -90,21 +90,30 @@ def _perplexities(tgt_lp: torch.Tensor) -> torch.Tensor:
 def prompt_losses(candidates: torch.Tensor, logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Eq. 3's objective (mean negative log-likelihood of the prompt) for many weight vectors at once.
 
-    ``candidates`` is ``(G, K)``; returns ``(G,)`` in float64. Work is done in blocks so that no temporary
-    exceeds a fixed number of elements, whatever ``G``.
+    ``candidates`` is ``(G, K)``; returns ``(G,)`` in float64. Work is done in blocks of candidates and of
+    positions (:func:`_blocks`) so that no temporary exceeds a fixed number of elements, whatever ``G``,
+    ``T`` and ``V``.
     """
     K, T, V = logprobs.shape
-    flat = logprobs.reshape(K, T * V)  # (K, T*V), a view when positions and vocabulary are contiguous
     tgt = target_scores(logprobs, targets)  # (K, T)
     candidates = candidates.to(device=logprobs.device, dtype=logprobs.dtype)
-    block = max(1, _block_elements(logprobs) // max(1, T * V))
-    out = []
-    for start in range(0, candidates.shape[0], block):
-        w = candidates[start : start + block]  # (g, K)
-        fused = (w @ flat).view(-1, T, V)  # (g, T, V)
-        lse = torch.logsumexp(fused, dim=-1)  # (g, T)
-        out.append((lse - w @ tgt).double().mean(-1))
-    return torch.cat(out)
+    c, g = _blocks(logprobs, T, V)
+    total = torch.zeros(candidates.shape[0], dtype=torch.float64, device=logprobs.device)
+    for t0 in range(0, T, c):
+        flat = logprobs[:, t0 : t0 + c].reshape(K, -1)  # (K, c*V), a view: each member's rows are contiguous
+        for start in range(0, candidates.shape[0], g):
+            w = candidates[start : start + g]  # (g, K)
+            lse = torch.logsumexp((w @ flat).view(w.shape[0], -1, V), dim=-1)  # (g, c)
+            total[start : start + g] += (lse - w @ tgt[:, t0 : t0 + c]).double().sum(-1)
+    return total / T
+
+
+def _blocks(scores: torch.Tensor, T: int, V: int) -> tuple[int, int]:
+    """``(positions, candidates)`` per block of a pass that scores many weight vectors: ``candidates x
+    positions x V`` stays within :func:`_block_elements` (at least one of each)."""
+    limit = _block_elements(scores)
+    c = max(1, min(T, limit // max(1, V)))
+    return c, max(1, limit // (c * V))
 
 
 def prompt_loss(w: torch.Tensor, logprobs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -154,18 +163,22 @@ def _pair_losses(
 ) -> torch.Tensor:
     """Eq. 6's loss of ``lambda * fused + (1 - lambda) * nxt`` for every ``lambda``: ``(n,)`` float64.
 
-    ``fused``, ``nxt`` are ``(T, V)``; the candidates are built in blocks as ``nxt + lambda (fused - nxt)``.
+    ``fused``, ``nxt`` are ``(T, V)``; the candidates are built as ``nxt + lambda (fused - nxt)`` in blocks
+    of positions and of ``lambda`` values (:func:`_blocks`).
     """
     T, V = fused.shape
-    diff = fused - nxt  # (T, V)
     lam = lambdas.to(device=fused.device, dtype=fused.dtype)
     tgt = nxt_tgt + lam[:, None] * (fused_tgt - nxt_tgt)  # (n, T)
-    block = max(1, _block_elements(fused) // max(1, T * V))
-    out = []
-    for start in range(0, lam.numel(), block):
-        cand = torch.addcmul(nxt, lam[start : start + block].view(-1, 1, 1), diff)  # (g, T, V)
-        out.append((torch.logsumexp(cand, dim=-1) - tgt[start : start + block]).double().mean(-1))
-    return torch.cat(out).cpu()
+    c, g = _blocks(fused, T, V)
+    total = torch.zeros(lam.numel(), dtype=torch.float64, device=fused.device)
+    for t0 in range(0, T, c):
+        base = nxt[t0 : t0 + c]
+        diff = fused[t0 : t0 + c] - base  # (c, V)
+        for start in range(0, lam.numel(), g):
+            cand = torch.addcmul(base, lam[start : start + g].view(-1, 1, 1), diff)  # (g, c, V)
+            lse = torch.logsumexp(cand, dim=-1)  # (g, c)
+            total[start : start + g] += (lse - tgt[start : start + g, t0 : t0 + c]).double().sum(-1)
+    return (total / T).cpu()
 
 
 def _greedy(
@@ -231,31 +244,37 @@ def _grid_exhaustive(scores: torch.Tensor, targets: torch.Tensor, step: float) -
 
 
 def _losses_grads(
-    candidates: torch.Tensor, scores: torch.Tensor, tgt: torch.Tensor, buf: torch.Tensor
+    candidates: torch.Tensor, scores: torch.Tensor, tgt: torch.Tensor, buf: torch.Tensor, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 3's loss ``(G,)`` and gradient ``(G, K)`` (float64, CPU) at many weight vectors, one pass each.
 
     ``grad_k = mean_i (E_p[s_k] - s_k,x_i)`` with ``p_i`` the fused distribution; ``tgt`` is ``(K, T)``.
-    ``buf`` is a work buffer of ``(b, T * V)`` elements in the scores' dtype and device, reused across calls
-    (a fresh large tensor costs page faults): at most ``b`` candidates are fused at once.
+    ``buf`` is a flat work buffer in the scores' dtype and device, reused across calls (a fresh large
+    tensor costs page faults): blocks of ``chunk`` positions, and of as many candidates as ``buf`` holds
+    at ``chunk * V`` elements each, are fused at once.
     """
     K, T, V = scores.shape
-    flat = scores.reshape(K, T * V)
-    by_position = scores.permute(1, 2, 0)  # (T, V, K) view
     cand = candidates.to(device=scores.device, dtype=scores.dtype)
-    block = buf.shape[0]
-    tgt64 = tgt.double().T  # (T, K)
-    losses, grads = [], []
-    for start in range(0, cand.shape[0], block):
-        w = cand[start : start + block]  # (g, K)
-        g = w.shape[0]
-        e, z, lse = _fused_exp(w, flat, buf[:g], V)  # unnormalised fused distribution, its row sums
-        e, z, lse = e.view(g, T, V), z.view(g, T), lse.view(g, T)
-        losses.append((lse - w @ tgt).double().mean(-1))
-        mean_s = torch.bmm(e.transpose(0, 1), by_position)  # (T, g, K)  sum_v e_v s_kv
-        mean_s = mean_s.double() / z.T.double().unsqueeze(-1)  # E_p[s_k]
-        grads.append((mean_s - tgt64.unsqueeze(1)).mean(0))  # (g, K)
-    return torch.cat(losses).cpu(), torch.cat(grads).cpu()
+    G = cand.shape[0]
+    block = max(1, buf.numel() // (chunk * V))
+    loss = torch.zeros(G, dtype=torch.float64, device=scores.device)
+    grad = torch.zeros(G, K, dtype=torch.float64, device=scores.device)
+    for t0 in range(0, T, chunk):
+        s = scores[:, t0 : t0 + chunk]  # (K, c, V)
+        c = s.shape[1]
+        flat = s.reshape(K, c * V)  # a view: each member's rows are contiguous
+        by_position = s.permute(1, 2, 0)  # (c, V, K) view
+        t = tgt[:, t0 : t0 + c]  # (K, c)
+        for start in range(0, G, block):
+            w = cand[start : start + block]  # (g, K)
+            g = w.shape[0]
+            e, z, lse = _fused_exp(w, flat, buf[: g * c * V], V)  # unnormalised fused distribution, row sums
+            e, z, lse = e.view(g, c, V), z.view(g, c), lse.view(g, c)
+            loss[start : start + g] += (lse - w @ t).double().sum(-1)
+            mean_s = torch.bmm(e.transpose(0, 1), by_position)  # (c, g, K)  sum_v e_v s_kv
+            mean_s = mean_s.double() / z.T.double().unsqueeze(-1)  # E_p[s_k]
+            grad[start : start + g] += (mean_s - t.double().T.unsqueeze(1)).sum(0)  # (g, K)
+    return (loss / T).cpu(), (grad / T).cpu()
 
 
 def _grid(
@@ -299,8 +318,8 @@ def _grid(
         ppl = perplexities(scores, targets)
     tgt = target_scores(scores, targets)  # (K, T)
     w_opt, f_opt, g_opt, h_opt = _optimal_state(scores, targets, ppl, tgt)
-    block = max(1, min(round_size, _block_elements(scores) // max(1, T * V)))
-    buf = torch.empty(block, T * V, dtype=scores.dtype, device=scores.device)
+    chunk, block = _blocks(scores, T, V)
+    buf = torch.empty(min(block, round_size) * chunk * V, dtype=scores.dtype, device=scores.device)
     if tol is None:
         eps = torch.finfo(scores.dtype).eps
         scale = max(1.0, float(scores.amax()), -float(scores.amin()))
@@ -315,7 +334,7 @@ def _grid(
     n_rounds = 0
     while True:
         n_rounds += 1
-        f, g = _losses_grads(points[order], scores, tgt, buf)
+        f, g = _losses_grads(points[order], scores, tgt, buf, chunk)
         if not bool(torch.isfinite(f).all() and torch.isfinite(g).all()):
             return _grid_exhaustive(scores, targets, step)
         losses[order] = f
