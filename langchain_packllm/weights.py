@@ -98,14 +98,26 @@ def prompt_losses(candidates: torch.Tensor, logprobs: torch.Tensor, targets: tor
     tgt = target_scores(logprobs, targets)  # (K, T)
     candidates = candidates.to(device=logprobs.device, dtype=logprobs.dtype)
     c, g = _blocks(logprobs, T, V)
-    total = torch.zeros(candidates.shape[0], dtype=torch.float64, device=logprobs.device)
+    G = candidates.shape[0]
+    buf = torch.empty(min(g, G) * c * V, dtype=logprobs.dtype, device=logprobs.device)
+    total = torch.zeros(G, dtype=torch.float64, device=logprobs.device)
     for t0 in range(0, T, c):
         flat = logprobs[:, t0 : t0 + c].reshape(K, -1)  # (K, c*V), a view: each member's rows are contiguous
-        for start in range(0, candidates.shape[0], g):
+        n = flat.shape[1] // V
+        for start in range(0, G, g):
             w = candidates[start : start + g]  # (g, K)
-            lse = torch.logsumexp((w @ flat).view(w.shape[0], -1, V), dim=-1)  # (g, c)
+            fused = torch.mm(w, flat, out=buf[: w.shape[0] * n * V].view(w.shape[0], -1))
+            lse = _logsumexp_(fused.view(w.shape[0], n, V))  # (g, c)
             total[start : start + g] += (lse - w @ tgt[:, t0 : t0 + c]).double().sum(-1)
     return total / T
+
+
+def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(x, -1)``, overwriting ``x`` instead of making a temporary of its size (on a CPU a
+    fresh temporary of a few MiB is often page-faulted in anew: glibc trims freed heap memory)."""
+    m = x.amax(-1, keepdim=True)
+    m.masked_fill_(m.isinf(), 0.0)  # rows of infinities: as torch.logsumexp, no inf - inf
+    return (x.sub_(m).exp_().sum(-1, keepdim=True).log_() + m).squeeze(-1)
 
 
 def _blocks(scores: torch.Tensor, T: int, V: int) -> tuple[int, int]:
@@ -170,13 +182,17 @@ def _pair_losses(
     lam = lambdas.to(device=fused.device, dtype=fused.dtype)
     tgt = nxt_tgt + lam[:, None] * (fused_tgt - nxt_tgt)  # (n, T)
     c, g = _blocks(fused, T, V)
+    buf = torch.empty(min(g, lam.numel()) * c * V, dtype=fused.dtype, device=fused.device)
+    diff_buf = torch.empty(c * V, dtype=fused.dtype, device=fused.device)
     total = torch.zeros(lam.numel(), dtype=torch.float64, device=fused.device)
     for t0 in range(0, T, c):
         base = nxt[t0 : t0 + c]
-        diff = fused[t0 : t0 + c] - base  # (c, V)
+        n = base.shape[0]
+        diff = torch.sub(fused[t0 : t0 + c], base, out=diff_buf[: n * V].view(n, V))  # (c, V)
         for start in range(0, lam.numel(), g):
-            cand = torch.addcmul(base, lam[start : start + g].view(-1, 1, 1), diff)  # (g, c, V)
-            lse = torch.logsumexp(cand, dim=-1)  # (g, c)
+            lam_b = lam[start : start + g].view(-1, 1, 1)
+            out = buf[: lam_b.shape[0] * n * V].view(-1, n, V)
+            lse = _logsumexp_(torch.addcmul(base, lam_b, diff, out=out))  # (g, c)
             total[start : start + g] += (lse - tgt[start : start + g, t0 : t0 + c]).double().sum(-1)
     return (total / T).cpu()
 
@@ -199,7 +215,11 @@ def _greedy(
         losses = _pair_losses(lambdas, fused, nxt, fused_tgt, nxt_tgt)  # Eq. 6
         j = int(torch.argmin(losses))
         lam, loss = float(lambdas[j]), float(losses[j])
-        fused = lam * fused + (1.0 - lam) * nxt  # Eq. 7
+        if k == 1:  # Eq. 7, into a buffer of its own (the first running scores are a view of the input)
+            fused = torch.mul(fused, lam)
+        else:
+            fused.mul_(lam)
+        fused.add_(nxt, alpha=1.0 - lam)
         fused_tgt = lam * fused_tgt + (1.0 - lam) * nxt_tgt
         sorted_w[:k] *= lam
         sorted_w[k] = 1.0 - lam

@@ -325,3 +325,15 @@ def test_solvers_do_not_depend_on_the_block_size(block: int, monkeypatch) -> Non
     assert W.prompt_losses(cands, lp, y).tolist() == pytest.approx(
         [plain_loss(w, lp, y) for w in cands], abs=1e-10
     )
+
+
+def test_in_place_logsumexp_matches_torch_including_infinities() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, 7, generator=g, dtype=torch.float64) * 30
+    x[0, 0, 3] = -math.inf  # a zero probability
+    x[1, 2] = -math.inf  # a row of them
+    x[2, 1, 0] = math.inf
+    want = torch.logsumexp(x, dim=-1)
+    got = W._logsumexp_(x.clone())
+    assert torch.allclose(got, want, rtol=1e-12, atol=0, equal_nan=False)
+    assert got[1, 2] == -math.inf and got[2, 1] == math.inf
