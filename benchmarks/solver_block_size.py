@@ -10,13 +10,13 @@ Random problems as in ``packllm bench --only solve`` (``bench.random_problem``);
 from __future__ import annotations
 
 import argparse
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from langchain_packllm import weights as W
-from langchain_packllm.bench import _sync, random_problem
+from langchain_packllm.bench import random_problem, run_times
 
 SHAPES = [(2, 64, 4096), (5, 64, 4096), (8, 64, 4096), (3, 512, 4096), (4, 256, 32000), (2, 512, 32000),
           (3, 512, 32000), (2, 128, 128000)]  # fmt: skip
@@ -50,13 +50,7 @@ def main() -> None:
                 cells = []
                 for b in BLOCKS:
                     setattr(W, attr, 1 << b)
-                    times = []
-                    for _ in range(args.repeats):
-                        _sync(args.device)
-                        start = time.perf_counter()
-                        W.solve_with_stats(name, lp, y)
-                        _sync(args.device)
-                        times.append(time.perf_counter() - start)
+                    times = run_times(partial(W.solve_with_stats, name, lp, y), args.repeats, args.device)
                     cells.append(f"{1e3 * min(times):.1f}")
                 lines.append(f"| {K} | {T} | {V} | {name} | " + " | ".join(cells) + " |")
                 print(lines[-1], flush=True)

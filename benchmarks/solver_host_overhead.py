@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from functools import partial
 
 import torch
 
 from langchain_packllm import weights as W
-from langchain_packllm.bench import _sync, random_problem
+from langchain_packllm.bench import random_problem, run_times
 
 
 def main() -> None:
@@ -30,13 +30,7 @@ def main() -> None:
         for name in ("optimal", "greedy"):
             for _ in range(5):
                 W.solve_with_stats(name, lp, y)
-            times = []
-            for _ in range(args.repeats):
-                _sync(args.device)
-                start = time.perf_counter()
-                W.solve_with_stats(name, lp, y)
-                _sync(args.device)
-                times.append(time.perf_counter() - start)
+            times = run_times(partial(W.solve_with_stats, name, lp, y), args.repeats, args.device)
             res[name] = 1e3 * statistics.median(times)
         print(f"| {K} | {res['optimal']:.3f} | {res['greedy']:.3f} |")
 

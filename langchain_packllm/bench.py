@@ -401,13 +401,20 @@ def random_problem(K: int, T: int, V: int, seed: int) -> tuple[torch.Tensor, tor
     return lp, targets
 
 
-def _time_solver(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+def run_times(fn: Callable[[], object], repeats: int, device: torch.device | str = "cpu") -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn``, each between two synchronisations of ``device``."""
     times = []
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - start)
-    return _median(times)
+    return times
+
+
+def _time_solver(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+    return _median(run_times(fn, repeats))
 
 
 def bench_solve(cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]:
