@@ -106,18 +106,20 @@ def prompt_losses(candidates: torch.Tensor, logprobs: torch.Tensor, targets: tor
         n = flat.shape[1] // V
         for start in range(0, G, g):
             w = candidates[start : start + g]  # (g, K)
-            fused = torch.mm(w, flat, out=buf[: w.shape[0] * n * V].view(w.shape[0], -1))
-            lse = _logsumexp_(fused.view(w.shape[0], n, V))  # (g, c)
-            total[start : start + g] += (lse - w @ tgt[:, t0 : t0 + c]).double().sum(-1)
+            _, _, lse = _fused_exp(w, flat, buf[: w.shape[0] * n * V], V)  # (g * c,)
+            total[start : start + g] += (lse.view(w.shape[0], n) - w @ tgt[:, t0 : t0 + c]).double().sum(-1)
     return total / T
 
 
-def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
-    """``torch.logsumexp(x, -1)``, overwriting ``x`` instead of making a temporary of its size (on a CPU a
-    fresh temporary of a few MiB is often page-faulted in anew: glibc trims freed heap memory)."""
+def _exp_shifted_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x <- exp(x - max)`` row by row, in place (no temporary of ``x``'s size: on a CPU a fresh temporary
+    of a few MiB is often page-faulted in anew, as glibc trims freed heap memory). Returns the row sums
+    ``(..., 1)`` and the log-partition ``torch.logsumexp(x, -1)`` ``(...)``; rows whose maximum is infinite
+    are shifted by 0, as ``torch.logsumexp`` does (no ``inf - inf``)."""
     m = x.amax(-1, keepdim=True)
-    m.masked_fill_(m.isinf(), 0.0)  # rows of infinities: as torch.logsumexp, no inf - inf
-    return (x.sub_(m).exp_().sum(-1, keepdim=True).log_() + m).squeeze(-1)
+    m.masked_fill_(m.isinf(), 0.0)
+    z = x.sub_(m).exp_().sum(-1, keepdim=True)
+    return z, (m + z.log()).squeeze(-1)
 
 
 def _blocks(scores: torch.Tensor, T: int, V: int) -> tuple[int, int]:
@@ -192,7 +194,7 @@ def _pair_losses(
         for start in range(0, lam.numel(), g):
             lam_b = lam[start : start + g].view(-1, 1, 1)
             out = buf[: lam_b.shape[0] * n * V].view(-1, n, V)
-            lse = _logsumexp_(torch.addcmul(base, lam_b, diff, out=out))  # (g, c)
+            _, lse = _exp_shifted_(torch.addcmul(base, lam_b, diff, out=out))  # (g, c)
             total[start : start + g] += (lse - tgt[start : start + g, t0 : t0 + c]).double().sum(-1)
     return (total / T).cpu()
 
@@ -407,14 +409,12 @@ def _fused_exp(
     ``(g * c,)`` of ``fused = w @ flat``, for ``g`` weight vectors ``w`` ``(g, K)`` (or one, ``(K,)``) over
     ``c`` positions (``flat`` is ``(K, c * V)``).
 
-    In place on one buffer: the fused scores, their row maximum, ``exp`` of the difference, its row sum.
+    In place on one buffer: the fused scores, then ``exp`` of their difference to the row maximum.
     """
     w = w.view(-1, w.shape[-1])  # (g, K)
     e = torch.mm(w, flat, out=out.view(w.shape[0], -1)).view(-1, V)  # (g * c, V) fused scores
-    m = e.amax(-1, keepdim=True)  # (g * c, 1)
-    e.sub_(m).exp_()  # largest entry of each row is 1
-    z = e.sum(-1, keepdim=True)  # (g * c, 1)
-    return e, z, (m + z.log()).squeeze(-1)
+    z, lse = _exp_shifted_(e)  # largest entry of each row is 1
+    return e, z, lse
 
 
 def _loss_only(w: torch.Tensor, logprobs: torch.Tensor, tgt: torch.Tensor, work: _PassBuffers) -> float:

@@ -328,12 +328,19 @@ def test_solvers_do_not_depend_on_the_block_size(block: int, monkeypatch) -> Non
 
 
 def test_in_place_logsumexp_matches_torch_including_infinities() -> None:
+    """``_exp_shifted_`` (the log-partition of every pass): torch's logsumexp, ``x`` overwritten with
+    ``exp(x - row max)`` and the row sums of that."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 5, 7, generator=g, dtype=torch.float64) * 30
     x[0, 0, 3] = -math.inf  # a zero probability
     x[1, 2] = -math.inf  # a row of them
     x[2, 1, 0] = math.inf
+    e = x.clone()
+    z, got = W._exp_shifted_(e)
     want = torch.logsumexp(x, dim=-1)
-    got = W._logsumexp_(x.clone())
-    assert torch.allclose(got, want, rtol=1e-12, atol=0, equal_nan=False)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
     assert got[1, 2] == -math.inf and got[2, 1] == math.inf
+    finite = want.isfinite()
+    shifted = torch.exp(x - x.amax(-1, keepdim=True))
+    assert torch.allclose(e[finite], shifted[finite], rtol=1e-12, atol=0)
+    assert torch.allclose(z.squeeze(-1)[finite], shifted.sum(-1)[finite], rtol=1e-12, atol=0)
