@@ -733,19 +733,36 @@ def format_results(results: BenchResults) -> str:
     return "\n".join(parts)
 
 
-def _bench(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _config(args: argparse.Namespace) -> tuple[BenchConfig, tuple[str, ...]]:
+    """The bench configuration and the sections to run, from ``packllm bench``'s arguments."""
     overrides = {"device": args.device}
     if args.vocab:
         overrides["vocab_size"] = args.vocab
     overrides["hidden"], overrides["layers"] = MEMBER_SIZES[args.size]
     overrides["dtype"] = args.dtype
+    if args.solve_vocabs:
+        try:
+            overrides["solve_vocabs"] = tuple(int(v) for v in args.solve_vocabs.split(","))
+        except ValueError:
+            raise SystemExit(
+                f"--solve-vocabs takes comma-separated integers, got {args.solve_vocabs!r}."
+            ) from None
+        if min(overrides["solve_vocabs"]) < 2:
+            raise SystemExit(
+                f"--solve-vocabs needs vocabularies of at least 2 tokens, got {args.solve_vocabs!r}."
+            )
     cfg = BenchConfig.quick_config(**overrides) if args.quick else BenchConfig(**overrides)
     only = tuple(args.only.split(",")) if args.only else SECTIONS
     unknown = set(only) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"Unknown bench section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}.")
+    return cfg, only
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg, only = _config(args)
     results = run_all(cfg, only, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_results(results))
     if args.out:
@@ -768,6 +785,11 @@ def add_bench_commands(sub) -> None:
         "1b (2048, 22)",
     )
     p.add_argument("--dtype", default="float32", help="members' dtype: float32 (default), bfloat16, float16")
+    p.add_argument(
+        "--solve-vocabs",
+        default="",
+        help="comma-separated vocabularies of the solve section (default 4096,32768,131072; --quick: up to 32768)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="bench.json", help="where to write the JSON results ('' for none)")
     p.set_defaults(func=_bench)

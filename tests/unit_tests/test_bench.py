@@ -64,3 +64,19 @@ def test_tables_print_every_section(results) -> None:
     for title in ("## Decode", "## Time to first token", "## Weight solving", "## Peak memory"):
         assert title in text
     assert "fused / in turn" in text and "grid-exhaustive" in text
+
+
+def test_command_line_sets_the_solve_vocabularies_and_rejects_bad_ones() -> None:
+    from langchain_packllm.bench import _config
+    from langchain_packllm.cli import build_parser
+
+    parse = build_parser().parse_args
+    cfg, only = _config(parse(["bench", "--only", "solve", "--size", "1b", "--solve-vocabs", "4096,131072"]))
+    assert cfg.solve_vocabs == (4096, 131072) and only == ("solve",)
+    assert (cfg.hidden, cfg.layers) == (2048, 22)
+    assert _config(parse(["bench", "--quick"]))[0].solve_vocabs == (4096, 32768)
+    for bad, message in (("4k", "comma-separated integers"), ("1,4096", "at least 2 tokens")):
+        with pytest.raises(SystemExit, match=message):
+            _config(parse(["bench", "--solve-vocabs", bad]))
+    with pytest.raises(SystemExit, match="Unknown bench section"):
+        _config(parse(["bench", "--only", "solve,speed"]))
