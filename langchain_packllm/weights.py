@@ -518,8 +518,8 @@ def _face_newton_np(free: np.ndarray, g: np.ndarray, H: np.ndarray) -> tuple[np.
     try:
         sol = np.linalg.solve(kkt, rhs)
     except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
-    if not np.isfinite(sol).all():
+        sol = None
+    if sol is None or not np.isfinite(sol).all():  # singular: the least-squares solution
         sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
     d = np.zeros(K)
     d[idx] = sol[:n]
