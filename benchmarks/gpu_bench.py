@@ -13,7 +13,7 @@ sys.modules.setdefault("langchain_packllm", _pkg)
 
 import argparse  # noqa: E402
 
-from langchain_packllm.bench import add_bench_commands  # noqa: E402
+from langchain_packllm.lab.bench import add_bench_commands  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="gpu_bench")

@@ -23,8 +23,8 @@ _pkg.__path__ = [str(Path(__file__).resolve().parents[1] / "langchain_packllm")]
 sys.modules.setdefault("langchain_packllm", _pkg)
 
 
-from langchain_packllm import bench  # noqa: E402
 from langchain_packllm.engine import FusionEngine, SamplingConfig, WeightingConfig  # noqa: E402
+from langchain_packllm.lab import bench  # noqa: E402
 from langchain_packllm.members import load_member  # noqa: E402
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from langchain_packllm.cli import main
+from langchain_packllm.lab.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

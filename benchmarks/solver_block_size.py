@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from langchain_packllm import weights as W
-from langchain_packllm.bench import random_problem, run_times
+from langchain_packllm.lab.bench import random_problem, run_times
 
 SHAPES = [(2, 64, 4096), (5, 64, 4096), (8, 64, 4096), (3, 512, 4096), (4, 256, 32000), (2, 512, 32000),
           (3, 512, 32000), (2, 128, 128000)]  # fmt: skip

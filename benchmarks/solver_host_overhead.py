@@ -13,7 +13,7 @@ from functools import partial
 import torch
 
 from langchain_packllm import weights as W
-from langchain_packllm.bench import random_problem, run_times
+from langchain_packllm.lab.bench import random_problem, run_times
 
 
 def main() -> None:

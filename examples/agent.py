@@ -32,7 +32,7 @@ def get_weather(city: str) -> str:
 def default_members() -> list[str]:
     """The default expert pack if this install has one, else tiny random members (a smoke test only)."""
     try:
-        from langchain_packllm.pack import load_pack
+        from langchain_packllm.lab.pack import load_pack
 
         return [expert.path for expert in load_pack().experts]
     except (ImportError, AttributeError, TypeError):

@@ -56,13 +56,6 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import Field, SecretStr, model_validator
 
 from langchain_packllm.adapters import PackSettings, astream_in_executor, report_info
-from langchain_packllm.constrained import (
-    GrammarLogitsProcessor,
-    json_schema_grammar,
-    strict_schema,
-    text_or_call_grammar,
-    tool_call_schema,
-)
 from langchain_packllm.engine import FusionOutput
 
 logger = logging.getLogger(__name__)
@@ -213,6 +206,14 @@ class ChatPackLLM(PackSettings, BaseChatModel):
         choice = _normalise_tool_choice(kwargs.get("tool_choice"))
         response_format = kwargs.get("response_format")
         mode, grammar, instructions = "text", None, None
+        if response_format is not None or (tools and choice != "none"):
+            # llguidance is imported only when a call is constrained
+            from langchain_packllm.constrained import (
+                json_schema_grammar,
+                strict_schema,
+                text_or_call_grammar,
+                tool_call_schema,
+            )
         if response_format is not None:
             schema, described = _response_schema(response_format)
             mode, grammar = "json", json_schema_grammar(strict_schema(schema))
@@ -234,7 +235,11 @@ class ChatPackLLM(PackSettings, BaseChatModel):
             else:
                 mode, grammar = "call", json_schema_grammar(schema)
         prompt = render_prompt(self.engine.tokenizer, messages, tools, instructions)
-        processors = () if grammar is None else (GrammarLogitsProcessor.for_engine(grammar, self.engine),)
+        processors = ()
+        if grammar is not None:
+            from langchain_packllm.constrained import GrammarLogitsProcessor
+
+            processors = (GrammarLogitsProcessor.for_engine(grammar, self.engine),)
         if mode in ("call", "json"):  # JSON must be able to close: a floor on the budget, no stop strings
             budget = self._sampling_config(None, **kwargs).max_new_tokens
             kwargs = {**kwargs, "max_new_tokens": max(budget, self.constrained_max_tokens)}

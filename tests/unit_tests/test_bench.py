@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from langchain_packllm.bench import BenchConfig, format_results, run_all
+from langchain_packllm.lab.bench import BenchConfig, format_results, run_all
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ def test_tables_print_every_section(results) -> None:
 
 
 def test_command_line_sets_the_solve_vocabularies_and_rejects_bad_ones() -> None:
-    from langchain_packllm.bench import _config
-    from langchain_packllm.cli import build_parser
+    from langchain_packllm.lab.bench import _config
+    from langchain_packllm.lab.cli import build_parser
 
     parse = build_parser().parse_args
     cfg, only = _config(parse(["bench", "--only", "solve", "--size", "1b", "--solve-vocabs", "4096,131072"]))

@@ -447,7 +447,7 @@ def test_prefill_scores_equal_the_models_own_logits_across_architectures(arch: s
     """The linear-head shortcut is taken exactly where the logits are a plain linear layer (and refused
     where something follows it); either way the solve buffer holds the model's own logits, and decoding
     runs, for a left-padded batch."""
-    from langchain_packllm.bench import word_tokenizer
+    from langchain_packllm.lab.bench import word_tokenizer
     from langchain_packllm.members import Member
 
     tokenizer = word_tokenizer(300)

@@ -147,7 +147,7 @@ def test_alignment_none_refuses_mixed_vocabularies(mixed_paths) -> None:
 
 
 def test_byte_level_evaluation_of_a_mixed_pack(mixed_paths) -> None:
-    from langchain_packllm.evaluation import evaluate_lm_bytes
+    from langchain_packllm.lab.evaluation import evaluate_lm_bytes
 
     members = [load_member(p, name=f"m{i}", device="cpu") for i, p in enumerate(mixed_paths)]
     engine = FusionEngine(members)

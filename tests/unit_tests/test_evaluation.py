@@ -11,7 +11,7 @@ import torch
 
 from langchain_packllm import FusionEngine
 from langchain_packllm import weights as W
-from langchain_packllm.evaluation import (
+from langchain_packllm.lab.evaluation import (
     TfidfRouter,
     build_mc_questions,
     evaluate_lm,

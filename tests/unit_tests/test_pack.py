@@ -1,4 +1,4 @@
-"""Tests of the expert pack builder (`langchain_packllm.pack`): corpora, tokenizers, training, cache.
+"""Tests of the expert pack builder (`langchain_packllm.lab.pack`): corpora, tokenizers, training, cache.
 
 The builds here are tiny and use only text present on every machine: the Python standard library
 (`pycode`) and a user corpus of the language reference's help topics, written by the test.
@@ -17,24 +17,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from langchain_packllm.pack import (
+from langchain_packllm.lab.pack import (
     CorpusUnavailableError,
     PackManifest,
     build_pack,
     default_pack_dir,
     load_pack,
 )
-from langchain_packllm.pack import corpora as corpora_mod
-from langchain_packllm.pack.cli import add_pack_commands
-from langchain_packllm.pack.corpora import (
+from langchain_packllm.lab.pack import corpora as corpora_mod
+from langchain_packllm.lab.pack.cli import add_pack_commands
+from langchain_packllm.lab.pack.corpora import (
     chunk_text,
     load_domain,
     load_user_corpus,
     parse_corpus_spec,
     split_corpus,
 )
-from langchain_packllm.pack.tokenizers import TOKENIZER_KINDS, train_tokenizer
-from langchain_packllm.pack.train import (
+from langchain_packllm.lab.pack.tokenizers import TOKENIZER_KINDS, train_tokenizer
+from langchain_packllm.lab.pack.train import (
     ExpertRecipe,
     TrainConfig,
     evaluate,

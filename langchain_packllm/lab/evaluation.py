@@ -17,7 +17,7 @@ K in {1, 2, 4, all}, averaged over every subset of that size.
 
 Example::
 
-    >>> from langchain_packllm.pack import load_pack
+    >>> from langchain_packllm.lab.pack import load_pack
     >>> manifest = load_pack("default", "shared")
     >>> engine = FusionEngine([load_member(p, name=n) for n, p in zip(manifest.expert_names, manifest.expert_paths)])
     >>> result = evaluate_lm(engine, {d: manifest.heldout_documents(d)[:40] for d in manifest.domain_names})
@@ -558,8 +558,8 @@ def _eval(args) -> int:
     import json
     from pathlib import Path
 
+    from langchain_packllm.lab.pack import build_pack
     from langchain_packllm.members import load_member
-    from langchain_packllm.pack import build_pack
 
     size = "tiny" if args.tiny else "default"
     manifest = build_pack(size, args.variant, cache_dir=args.cache_dir, install=args.install)

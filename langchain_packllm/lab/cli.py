@@ -16,10 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="packllm", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
-    from langchain_packllm.bench import add_bench_commands
-    from langchain_packllm.demo import add_demo_commands
-    from langchain_packllm.evaluation import add_eval_commands
-    from langchain_packllm.pack.cli import add_pack_commands
+    from langchain_packllm.lab.bench import add_bench_commands
+    from langchain_packllm.lab.demo import add_demo_commands
+    from langchain_packllm.lab.evaluation import add_eval_commands
+    from langchain_packllm.lab.pack.cli import add_pack_commands
 
     add_demo_commands(sub)
     add_pack_commands(sub)

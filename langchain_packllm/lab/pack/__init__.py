@@ -5,13 +5,13 @@ saved so that ``AutoModelForCausalLM.from_pretrained(path)`` loads it, with held
 no expert or tokenizer has seen.
 
 Example:
-    >>> from langchain_packllm.pack import build_pack
+    >>> from langchain_packllm.lab.pack import build_pack
     >>> manifest = build_pack("tiny", domains=["pycode"], corpora={"notes": "notes/*.txt"})  # doctest: +SKIP
     >>> [e.name for e in manifest.experts]  # doctest: +SKIP
     ['pycode', 'notes']
 """
 
-from langchain_packllm.pack.builder import (
+from langchain_packllm.lab.pack.builder import (
     PRESETS,
     build_pack,
     default_pack_dir,
@@ -20,8 +20,8 @@ from langchain_packllm.pack.builder import (
     summary_table,
     verify_pack,
 )
-from langchain_packllm.pack.corpora import BUILTIN_DOMAINS, DEFAULT_DOMAINS, CorpusUnavailableError
-from langchain_packllm.pack.manifest import DomainInfo, ExpertInfo, PackManifest
+from langchain_packllm.lab.pack.corpora import BUILTIN_DOMAINS, DEFAULT_DOMAINS, CorpusUnavailableError
+from langchain_packllm.lab.pack.manifest import DomainInfo, ExpertInfo, PackManifest
 
 __all__ = [
     "BUILTIN_DOMAINS",

@@ -32,11 +32,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from langchain_packllm.pack import corpora
-from langchain_packllm.pack.corpora import CorpusSplit, CorpusUnavailableError
-from langchain_packllm.pack.manifest import MANIFEST_NAME, DomainInfo, ExpertInfo, PackManifest
-from langchain_packllm.pack.tokenizers import train_tokenizer
-from langchain_packllm.pack.train import (
+from langchain_packllm.lab.pack import corpora
+from langchain_packllm.lab.pack.corpora import CorpusSplit, CorpusUnavailableError
+from langchain_packllm.lab.pack.manifest import MANIFEST_NAME, DomainInfo, ExpertInfo, PackManifest
+from langchain_packllm.lab.pack.tokenizers import train_tokenizer
+from langchain_packllm.lab.pack.train import (
     EvalResult,
     ExpertRecipe,
     TrainConfig,

@@ -10,7 +10,7 @@ import json
 import logging
 import time
 
-from langchain_packllm.pack.builder import (
+from langchain_packllm.lab.pack.builder import (
     build_pack,
     default_pack_dir,
     load_pack,
@@ -18,7 +18,7 @@ from langchain_packllm.pack.builder import (
     summary_table,
     verify_pack,
 )
-from langchain_packllm.pack.corpora import BUILTIN_DOMAINS, parse_corpus_spec
+from langchain_packllm.lab.pack.corpora import BUILTIN_DOMAINS, parse_corpus_spec
 
 logger = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ def run_demo(llm: PackLLM, prompts: dict[str, str], out=print) -> list[dict]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from langchain_packllm.pack import build_pack
+    from langchain_packllm.lab.pack import build_pack
 
     size = "tiny" if args.tiny else "default"
     manifest = build_pack(size, "shared", install=args.install, cache_dir=args.cache_dir)

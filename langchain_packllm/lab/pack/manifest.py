@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from langchain_packllm.pack.corpora import read_jsonl
+from langchain_packllm.lab.pack.corpora import read_jsonl
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1

@@ -20,7 +20,7 @@ Benchmark members are random-weight GPT-2 / Llama models made from configs with 
 
 Example::
 
-    >>> from langchain_packllm.bench import BenchConfig, run_all
+    >>> from langchain_packllm.lab.bench import BenchConfig, run_all
     >>> results = run_all(BenchConfig.quick_config(), only=("solve",))
 """
 

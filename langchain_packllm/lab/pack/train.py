@@ -7,7 +7,7 @@ Qwen2 / GPT-NeoX from its config) -> `pack_tokens` (documents into one token str
 ``packllm.json``), which `AutoModelForCausalLM.from_pretrained(path)` loads back.
 
 Example:
-    >>> from langchain_packllm.pack.tokenizers import train_tokenizer
+    >>> from langchain_packllm.lab.pack.tokenizers import train_tokenizer
     >>> tok = train_tokenizer(["hello world, hello pack"] * 64, vocab_size=300)
     >>> model = make_model(ExpertRecipe("llama", 32, 1, 2, 1, 64, 32), tok)
     >>> stream = pack_tokens(tok, ["hello world, hello pack"] * 64)
@@ -138,7 +138,7 @@ def pack_tokens(
 ) -> torch.Tensor:
     """Tokenize documents in order into one stream ``[bos] doc eos [bos] doc eos ...``, stopping once
     ``max_tokens`` tokens are collected. Returns a (N,) int64 tensor."""
-    from langchain_packllm.pack.tokenizers import encode_documents
+    from langchain_packllm.lab.pack.tokenizers import encode_documents
 
     parts: list[torch.Tensor] = []
     total = 0
