@@ -246,11 +246,7 @@ def run(args) -> dict:
             p_y, r_y = targets[:c_tok], targets[c_tok:]
 
             # MinED, through the engine (reference ids, MinED-mapped inputs, logits gathered back)
-            engine._use_reference(ref)
-            try:
-                lp_list, _, _, _ = engine.member_logprobs([r_enc.ids])
-            finally:
-                engine._use_reference(0)
+            lp_list, _, _, _ = engine.member_logprobs([r_enc.ids], reference=engine.reference(ref))
             lp_m = torch.stack([x[0, :-1] for x in lp_list]).double()  # (K, T_ref, V_ref)
             for k in range(K):
                 if k == ref:

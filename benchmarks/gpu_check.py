@@ -48,19 +48,18 @@ def main() -> int:
                 assert ids == ref_ids, (label, weighting, ids, ref_ids)
                 assert max(abs(a - b) for x, y in zip(w, ref_w) for a, b in zip(x, y)) < 1e-6, (label, w)
                 assert abs(ll - ref_ll) < 1e-6 * max(1.0, abs(ref_ll)), (label, ll, ref_ll)
-                threads = engine._pool is not None
-                print(f"ok {weighting:8s} {label:9s} threads={threads} groups={engine._groups}")
+                threads = engine.scorer.threaded
+                print(f"ok {weighting:8s} {label:9s} threads={threads} groups={engine.scorer.groups}")
         # Half-precision members: the prefill writes their logits into the float32 solve buffer.
         half = [load_member(p, torch_dtype="bfloat16", device="cuda") for p in paths]
         engine = FusionEngine(half)
-        scores, input_ids, mask, _, _ = engine._prefill_scores(
-            [engine.encode(p) for p in PROMPTS], use_cache=False
-        )
+        pre = engine.score([engine.encode(p) for p in PROMPTS])
+        scores, input_ids, mask = pre.scores, pre.input_ids, pre.attention_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             for k, m in enumerate(half):
                 own = m.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits.float()
-                assert engine._linear_head(k) is not None
+                assert engine.scorer.linear_head(k) is not None
                 assert torch.allclose(scores[k], own[..., : engine.vocab_size], rtol=2e-2, atol=2e-2), k
         print("ok bfloat16 members: prompt logits in the float32 buffer match their own forward")
         bad = load_member(paths[1], name="broken", torch_dtype="float32", device="cuda")

@@ -78,7 +78,7 @@ def main() -> int:
             total.append(time.perf_counter() - start)
         for name in plain:
             delattr(engine, name)
-        ids, mask = engine._pad([engine.encode(prompt[0])])
+        ids, mask = engine.scorer.pad(engine.reference(0), [engine.encode(prompt[0])])
         own = [
             statistics.median(bench.member_prefill_seconds(m.model, ids, mask) for _ in range(args.repeats))
             for m in members

@@ -10,15 +10,16 @@ share: the settings fields, building the engine's configs, loading, and the repo
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from langchain_core.runnables.config import run_in_executor
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from langchain_packllm import weights as weights_lib
-from langchain_packllm.engine import FusionEngine, FusionOutput, FusionReport, SamplingConfig, WeightingConfig
+from langchain_packllm.config import FusionOutput, FusionReport, SamplingConfig, WeightingConfig
+from langchain_packllm.engine import FusionEngine
 from langchain_packllm.members import Member, load_member
 
 _LOADER_ARGS = ("device", "torch_dtype", "model_kwargs", "tokenizer_kwargs", "names")
@@ -58,7 +59,8 @@ def load_engine(
 
 async def astream_in_executor(iterator: Iterator[Any], run_manager: Any) -> AsyncIterator[Any]:
     """Drive a synchronous chunk iterator (the engine's stream) from async code, one ``next`` per executor
-    call, firing the async run manager's token callback for each chunk with text."""
+    call, firing the async run manager's token callback for each chunk with text. The engine holds no lock
+    between chunks, so any number of these run at once whatever the executor's size."""
     done = object()
     while True:
         chunk = await run_in_executor(None, next, iterator, done)
@@ -70,25 +72,64 @@ async def astream_in_executor(iterator: Iterator[Any], run_manager: Any) -> Asyn
 
 
 def report_info(output: FusionOutput) -> dict[str, Any]:
-    """The fusion report of one generation as a JSON-friendly dict (``generation_info`` / metadata)."""
-    report = output.report
-    return {
-        "weights": report.weights,
-        "perplexities": report.perplexities,
-        "fused_perplexity": report.fused_perplexity,
-        "weighting": report.weighting,
-        "order": report.order,
-        "prompt_tokens": report.prompt_tokens,
-        "completion_tokens": len(output.token_ids),
-        "finish_reason": output.finish_reason,
-        "fallback": report.fallback,
-        "truncated": report.truncated,
-        "reference": report.reference,
-        "approx_tokens": report.approx_tokens,
-    }
+    """The fusion report of one generation as a JSON-friendly dict (``generation_info`` / metadata):
+    every report field, the completion's token count and the finish reason."""
+    return output.info()
 
 
-class PackSettings(BaseModel):
+# The settings a call may override, beside ``stop`` (which LangChain passes on its own).
+CALL_SETTINGS = (
+    "weighting", "tau", "grid_step", "max_new_tokens", "max_tokens", "temperature", "top_k", "top_p",
+    "repetition_penalty", "seed",
+)  # fmt: skip
+
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class DecodingSettings(BaseModel):
+    """The weighting and decoding settings, validated and coerced the same way in the constructor and per
+    call (``llm.invoke(prompt, temperature=0.7)``)."""
+
+    model_config = ConfigDict(protected_namespaces=(), arbitrary_types_allowed=True)
+
+    weighting: str | list[float] = "optimal"
+    """optimal | greedy | grid | sim | uniform | top1, or one fixed weight per member (summing to 1)."""
+    tau: PositiveFloat = 1.0
+    """Temperature of the ``sim`` weighting (Eq. 4)."""
+    grid_step: PositiveFloat = 0.05
+    """Grid step of the ``greedy`` and ``grid`` weightings."""
+    max_new_tokens: Annotated[int, Field(ge=0)] = 256
+    """Most tokens to generate per prompt (alias: ``max_tokens``)."""
+    temperature: NonNegativeFloat = 0.0
+    """Sampling temperature; 0 means greedy decoding."""
+    top_k: Annotated[int, Field(ge=1)] | None = None
+    """Keep the k most likely tokens when sampling."""
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+    """Nucleus sampling mass when sampling."""
+    repetition_penalty: PositiveFloat | None = None
+    """Penalty (> 1 discourages) on tokens already in the text."""
+    seed: int | None = None
+    """Seed of the sampler, for reproducible sampling."""
+    stop: list[str] | None = None
+    """Default stop sequences; the output is cut before the first one. A string is one stop sequence."""
+
+    @field_validator("weighting")
+    @classmethod
+    def _valid_weighting(cls, value: str | list[float]) -> str | list[float]:
+        weights_lib.check_strategy(value)
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+_SETTING_NAMES = tuple(DecodingSettings.model_fields)
+
+
+class PackSettings(DecodingSettings):
     """The pack and its weighting and decoding settings, shared by the LLM and the chat model.
 
     Build one with ``from_model_ids`` (hub ids or local paths), ``from_models`` (loaded models), or directly
@@ -97,32 +138,10 @@ class PackSettings(BaseModel):
     ``max_new_tokens``, in the constructor and per call.
     """
 
-    model_config = ConfigDict(protected_namespaces=(), arbitrary_types_allowed=True)
-
     engine: FusionEngine = Field(exclude=True, repr=False)
     """The fusion engine holding the members (shared, never copied, by derived instances)."""
     model_ids: list[str] | None = None
     """The ids or paths the members were loaded from, if loaded by id."""
-    weighting: str | list[float] = "optimal"
-    """optimal | greedy | grid | sim | uniform | top1, or one fixed weight per member (summing to 1)."""
-    tau: float = 1.0
-    """Temperature of the ``sim`` weighting (Eq. 4)."""
-    grid_step: float = 0.05
-    """Grid step of the ``greedy`` and ``grid`` weightings."""
-    max_new_tokens: int = 256
-    """Most tokens to generate per prompt (alias: ``max_tokens``)."""
-    temperature: float = 0.0
-    """Sampling temperature; 0 means greedy decoding."""
-    top_k: int | None = None
-    """Keep the k most likely tokens when sampling."""
-    top_p: float | None = None
-    """Nucleus sampling mass when sampling."""
-    repetition_penalty: float | None = None
-    """Penalty (> 1 discourages) on tokens already in the text."""
-    seed: int | None = None
-    """Seed of the sampler, for reproducible sampling."""
-    stop: list[str] | None = None
-    """Default stop sequences; the output is cut before the first one."""
 
     @model_validator(mode="before")
     @classmethod
@@ -144,18 +163,9 @@ class PackSettings(BaseModel):
             values["engine"] = load_engine(values["model_ids"], **loader)
         return values
 
-    @field_validator("weighting")
-    @classmethod
-    def _valid_weighting(cls, value: str | list[float]) -> str | list[float]:
-        weights_lib.check_strategy(value)
-        return value
-
     @model_validator(mode="after")
     def _check_settings(self) -> PackSettings:
-        if not isinstance(self.weighting, str):
-            weights_lib.check_fixed(self.weighting, len(self.engine.members))
-        self._weighting_config()
-        self._sampling_config(None)
+        self._settings(None, {})
         return self
 
     # ------------------------------------------------------------------ construction
@@ -238,33 +248,51 @@ class PackSettings(BaseModel):
             "seed": self.seed,
         }
 
-    def _weighting_config(self, **kwargs: Any) -> WeightingConfig:
-        return WeightingConfig(
-            weighting=kwargs.get("weighting", self.weighting),
-            tau=kwargs.get("tau", self.tau),
-            grid_step=kwargs.get("grid_step", self.grid_step),
-        )
-
-    def _sampling_config(
-        self, stop: list[str] | None, logits_processors: tuple = (), **kwargs: Any
-    ) -> SamplingConfig:
-        stops = list(self.stop or []) + list(stop or [])
-        max_new_tokens = kwargs.get("max_new_tokens", kwargs.get("max_tokens"))
-        return SamplingConfig(
-            max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
-            temperature=kwargs.get("temperature", self.temperature),
-            top_k=kwargs.get("top_k", self.top_k),
-            top_p=kwargs.get("top_p", self.top_p),
-            repetition_penalty=kwargs.get("repetition_penalty", self.repetition_penalty),
-            seed=kwargs.get("seed", self.seed),
-            stop=tuple(stops),
+    def _settings(
+        self, stop: list[str] | str | None, kwargs: dict[str, Any], logits_processors: tuple = ()
+    ) -> tuple[WeightingConfig, SamplingConfig]:
+        """One call's configs: the fields, overridden by ``kwargs``, validated and coerced exactly as the
+        constructor's fields are (``max_tokens`` is an alias of ``max_new_tokens``). An unknown setting
+        raises ``TypeError`` naming it and listing the accepted ones; a bad value raises ``ValueError``
+        naming it. ``stop`` adds to the default stop sequences (a string is one stop sequence)."""
+        unknown = sorted(set(kwargs) - set(CALL_SETTINGS))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unknown setting(s) {unknown}; a call accepts "
+                f"{', '.join(CALL_SETTINGS)} and stop."
+            )
+        values = {name: getattr(self, name) for name in _SETTING_NAMES}
+        overrides = dict(kwargs)
+        max_tokens = overrides.pop("max_tokens", None)
+        if max_tokens is not None:
+            overrides.setdefault("max_new_tokens", max_tokens)
+        values.update(overrides)
+        values["stop"] = stop
+        try:
+            checked = DecodingSettings.model_validate(values)
+        except ValidationError as err:
+            raise ValueError(f"Invalid setting for {type(self).__name__}: {err}") from None
+        if not isinstance(checked.weighting, str):
+            weights_lib.check_fixed(checked.weighting, len(self.engine.members))
+        weighting = WeightingConfig(weighting=checked.weighting, tau=checked.tau, grid_step=checked.grid_step)
+        sampling = SamplingConfig(
+            max_new_tokens=checked.max_new_tokens,
+            temperature=checked.temperature,
+            top_k=checked.top_k,
+            top_p=checked.top_p,
+            repetition_penalty=checked.repetition_penalty,
+            seed=checked.seed,
+            stop=tuple(self.stop or ()) + tuple(checked.stop or ()),
             logits_processors=logits_processors,
         )
+        return weighting, sampling
 
     # ------------------------------------------------------------------ tokens and diagnostics
 
     def get_token_ids(self, text: str) -> list[int]:
-        """Token ids under the pack's reference tokenizer (no download of a GPT-2 tokenizer)."""
+        """Token ids under the first member's tokenizer, the pack's when members share a vocabulary (no
+        download of a GPT-2 tokenizer). In a pack of mixed vocabularies a call may read its prompt with
+        another member's tokenizer; ``usage_metadata`` and the report count those."""
         return self.engine.encode(text)
 
     def get_num_tokens(self, text: str) -> int:
@@ -275,4 +303,4 @@ class PackSettings(BaseModel):
 
         Keyword arguments override ``weighting``, ``tau`` and ``grid_step`` for this call.
         """
-        return self.engine.report(prompt, self._weighting_config(**kwargs))
+        return self.engine.report(prompt, self._settings(None, kwargs)[0])

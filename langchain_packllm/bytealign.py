@@ -47,6 +47,7 @@ from langchain_packllm.alignment import (
     _map_special,
     tokenizer_surfaces,
 )
+from langchain_packllm.members import cache_kwargs
 
 # Default smoothing of mapped member log-probs before Eq. 1 (see smooth_logprobs and docs/ALIGNMENT.md).
 DEFAULT_EPSILON = 1e-4
@@ -616,7 +617,10 @@ class MemberTextState:
         positions = torch.arange(keep, n, device=device)[None]  # (1, s)
         with torch.inference_mode():
             out = self.model(
-                input_ids=suffix, position_ids=positions, past_key_values=self.cache, use_cache=True
+                input_ids=suffix,
+                position_ids=positions,
+                use_cache=True,
+                **cache_kwargs(self.model, self.cache),
             )
         logits = out.logits[0, :, : self.aligner.member_vocab_size]  # (s, V_m)
         logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)

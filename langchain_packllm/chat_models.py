@@ -56,7 +56,8 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import Field, SecretStr, model_validator
 
 from langchain_packllm.adapters import PackSettings, astream_in_executor, report_info
-from langchain_packllm.engine import FusionOutput
+from langchain_packllm.config import FusionOutput, SamplingConfig, WeightingConfig
+from langchain_packllm.reference import Reference
 
 logger = logging.getLogger(__name__)
 
@@ -195,16 +196,21 @@ class ChatPackLLM(PackSettings, BaseChatModel):
     # ------------------------------------------------------------------ one call
 
     def _plan(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> _Plan:
-        """Prompt text, decoding constraint and sampling settings of one call."""
-        model = kwargs.get("model")
+        """Everything one call decides, in order: the reference member (chosen on the conversation as plain
+        text, before anything is rendered), then the prompt in that member's chat template, the decoding
+        constraint over its vocabulary, and the validated settings."""
+        kwargs = dict(kwargs)
+        model = kwargs.pop("model", None)
         if model and model != self.model_name:
             raise ValueError(
                 f"ChatPackLLM {self.model_name!r} serves one pack; got model={model!r}. Build another "
                 "ChatPackLLM for other members."
             )
-        tools = list(kwargs.get("tools") or [])
-        choice = _normalise_tool_choice(kwargs.get("tool_choice"))
-        response_format = kwargs.get("response_format")
+        tools = list(kwargs.pop("tools", None) or [])
+        choice = _normalise_tool_choice(kwargs.pop("tool_choice", None))
+        response_format = kwargs.pop("response_format", None)
+        kwargs.pop("ls_structured_output_format", None)
+        reference, _ = self.engine.choose_reference(fallback_template(to_chat_dicts(messages)))
         mode, grammar, instructions = "text", None, None
         if response_format is not None or (tools and choice != "none"):
             # llguidance is imported only when a call is constrained
@@ -234,19 +240,17 @@ class ChatPackLLM(PackSettings, BaseChatModel):
                 mode, grammar = "auto", text_or_call_grammar(schema)
             else:
                 mode, grammar = "call", json_schema_grammar(schema)
-        prompt = render_prompt(self.engine.tokenizer, messages, tools, instructions)
+        prompt = render_prompt(reference.tokenizer, messages, tools, instructions)
         processors = ()
         if grammar is not None:
             from langchain_packllm.constrained import GrammarLogitsProcessor
 
-            processors = (GrammarLogitsProcessor.for_engine(grammar, self.engine),)
+            processors = (GrammarLogitsProcessor.for_reference(grammar, reference),)
+        weighting, sampling = self._settings(stop, kwargs, processors)
         if mode in ("call", "json"):  # JSON must be able to close: a floor on the budget, no stop strings
-            budget = self._sampling_config(None, **kwargs).max_new_tokens
-            kwargs = {**kwargs, "max_new_tokens": max(budget, self.constrained_max_tokens)}
-            sampling = dataclasses.replace(self._sampling_config(None, processors, **kwargs), stop=())
-        else:
-            sampling = self._sampling_config(stop, processors, **kwargs)
-        return _Plan(prompt, mode, {t["function"]["name"] for t in tools}, sampling)
+            budget = max(sampling.max_new_tokens, self.constrained_max_tokens)
+            sampling = dataclasses.replace(sampling, max_new_tokens=budget, stop=())
+        return _Plan(prompt, mode, {t["function"]["name"] for t in tools}, weighting, sampling, reference)
 
     def _message(self, output: FusionOutput, plan: _Plan) -> AIMessage:
         text = output.text.lstrip()
@@ -277,7 +281,9 @@ class ChatPackLLM(PackSettings, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         plan = self._plan(messages, stop, kwargs)
-        output = self.engine.generate([plan.prompt], self._weighting_config(**kwargs), plan.sampling)[0]
+        output = self.engine.generate([plan.prompt], plan.weighting, plan.sampling, reference=plan.reference)[
+            0
+        ]
         message = self._message(output, plan)
         info = {"finish_reason": message.response_metadata["finish_reason"]}
         return ChatResult(
@@ -306,7 +312,7 @@ class ChatPackLLM(PackSettings, BaseChatModel):
         plan = self._plan(messages, stop, kwargs)
         held = ""  # text not yet shown: leading blanks, or a whole tool call
         started = False  # whether plain text has begun streaming
-        for piece in self.engine.stream(plan.prompt, self._weighting_config(**kwargs), plan.sampling):
+        for piece in self.engine.stream(plan.prompt, plan.weighting, plan.sampling, reference=plan.reference):
             if piece.output is not None:
                 break
             if started:
@@ -362,11 +368,17 @@ class ChatPackLLM(PackSettings, BaseChatModel):
             yield chunk
 
 
+@dataclasses.dataclass(frozen=True)
 class _Plan:
-    """What one call decodes: the prompt, the constraint mode, the bound tools' names, the sampling."""
+    """What one chat call decodes: the prompt (in the reference member's template), the constraint mode,
+    the bound tools' names, the configs, and the reference member (chosen before rendering)."""
 
-    def __init__(self, prompt: str, mode: str, tool_names: set[str], sampling) -> None:
-        self.prompt, self.mode, self.tool_names, self.sampling = prompt, mode, tool_names, sampling
+    prompt: str
+    mode: str  # "text", "auto" (answer or call), "call" (a forced call) or "json" (structured output)
+    tool_names: set[str]
+    weighting: WeightingConfig
+    sampling: SamplingConfig
+    reference: Reference
 
 
 # ---------------------------------------------------------------------- tool choice, schemas, parsing

@@ -8,8 +8,9 @@ applies it to the fused scores (Eq. 1) before temperature, top-k and top-p.
 
 Example::
 
-    >>> proc = GrammarLogitsProcessor.for_engine(json_schema_grammar({"type": "object"}), engine)
-    >>> engine.generate([prompt], sampling=SamplingConfig(logits_processors=(proc,)))[0].text
+    >>> grammar = json_schema_grammar({"type": "object"})
+    >>> sampling = SamplingConfig(processor_factories=(GrammarLogitsProcessor.factory(grammar),))
+    >>> engine.generate([prompt], sampling=sampling)[0].text
     '{"a": 1}'
 """
 
@@ -131,10 +132,16 @@ class GrammarLogitsProcessor:
         self._consumed: list[int] = []
 
     @classmethod
-    def for_engine(cls, grammar: str, engine) -> GrammarLogitsProcessor:
-        """A processor over a :class:`~langchain_packllm.engine.FusionEngine`'s tokenizer, scores and EOS ids."""
-        eos = sorted(set().union(*(m.eos_token_ids for m in engine.members)))
-        return cls(grammar, engine.tokenizer, engine.vocab_size, eos)
+    def for_reference(cls, grammar: str, reference) -> GrammarLogitsProcessor:
+        """A processor over a call's reference (:class:`~langchain_packllm.reference.Reference`): its
+        tokenizer, the width of the fused scores and the EOS ids that end the call."""
+        return cls(grammar, reference.tokenizer, reference.vocab_size, sorted(reference.eos_ids))
+
+    @classmethod
+    def factory(cls, grammar: str):
+        """A ``SamplingConfig(processor_factories=...)`` entry: builds the processor from each call's plan,
+        over whichever reference member the call reads with."""
+        return lambda plan: [cls.for_reference(grammar, plan.reference)]
 
     def errors(self) -> list[str | None]:
         """Each row's matcher error (None when the row's text is valid so far)."""

@@ -58,12 +58,11 @@ class PackLLM(PackSettings, LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        outputs = self.engine.generate(
-            prompts, self._weighting_config(**kwargs), self._sampling_config(stop, **kwargs)
-        )
+        weighting, sampling = self._settings(stop, kwargs)
+        outputs = self.engine.generate(prompts, weighting, sampling)
         return LLMResult(
             generations=[[Generation(text=o.text, generation_info=report_info(o))] for o in outputs],
-            llm_output={"members": self.engine.names, "weighting": self._weighting_config(**kwargs).name},
+            llm_output={"members": self.engine.names, "weighting": weighting.name},
         )
 
     async def _agenerate(
@@ -82,9 +81,8 @@ class PackLLM(PackSettings, LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
-        for piece in self.engine.stream(
-            prompt, self._weighting_config(**kwargs), self._sampling_config(stop, **kwargs)
-        ):
+        weighting, sampling = self._settings(stop, kwargs)
+        for piece in self.engine.stream(prompt, weighting, sampling):
             info = None if piece.output is None else report_info(piece.output)
             if not piece.text and info is None:
                 continue
@@ -108,6 +106,5 @@ class PackLLM(PackSettings, LLM):
     def loglikelihood(self, context: str, continuation: str, **kwargs: Any) -> float:
         """Natural-log likelihood of ``continuation`` after ``context`` under the fused model, weights chosen
         from the context (lm-evaluation-harness semantics)."""
-        return self.engine.loglikelihood([(context, continuation)], self._weighting_config(**kwargs))[
-            0
-        ].logprob
+        weighting = self._settings(None, kwargs)[0]
+        return self.engine.loglikelihood([(context, continuation)], weighting)[0].logprob

@@ -8,6 +8,8 @@ instance through ``configurable_fields``) loads nothing twice.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -177,3 +179,20 @@ def clear_cache() -> None:
     """Forget every loaded member (frees them once nothing else holds a reference)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+
+
+@functools.cache
+def _cache_argument(forward_type: type) -> str:
+    """The name a model class's ``forward`` takes its KV cache under: ``cache`` from the transformers
+    releases that renamed it (``past_key_values`` then warns, and goes in 5.40), else ``past_key_values``."""
+    try:
+        params = inspect.signature(forward_type.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(module: Any, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for ``module(...)``: the KV cache under the argument name the installed
+    transformers expects (see :func:`_cache_argument`)."""
+    return {_cache_argument(type(module)): cache}

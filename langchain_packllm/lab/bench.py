@@ -48,7 +48,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from langchain_packllm import weights as weights_lib
 from langchain_packllm.engine import FusionEngine, SamplingConfig, WeightingConfig
-from langchain_packllm.members import Member, load_member
+from langchain_packllm.members import Member, cache_kwargs, load_member
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def members_in_turn_step_seconds(models, input_ids: torch.Tensor, mask: torch.Te
     caches = [DynamicCache(config=m.config) for m in models]
     toks = []
     for m, i, a, c in zip(models, ids, masks, caches):
-        out = m(input_ids=i, attention_mask=a, past_key_values=c, use_cache=True)
+        out = m(input_ids=i, attention_mask=a, use_cache=True, **cache_kwargs(m, c))
         toks.append(out.logits[:, -1].argmax(-1, keepdim=True))
     for d in set(devices):
         _sync(d)
@@ -240,7 +240,7 @@ def members_in_turn_step_seconds(models, input_ids: torch.Tensor, mask: torch.Te
         for k, m in enumerate(models):
             if masks[k] is not None:
                 masks[k] = torch.cat([masks[k], torch.ones_like(masks[k][:, :1])], dim=1)
-            out = m(input_ids=toks[k], attention_mask=masks[k], past_key_values=caches[k], use_cache=True)
+            out = m(input_ids=toks[k], attention_mask=masks[k], use_cache=True, **cache_kwargs(m, caches[k]))
             toks[k] = out.logits[:, -1].argmax(-1, keepdim=True)
     for d in set(devices):
         _sync(d)
@@ -266,17 +266,18 @@ def generate_step_seconds(model, input_ids: torch.Tensor, mask: torch.Tensor, st
 
 
 def fused_step_seconds(engine: FusionEngine, prompts: list[str], steps: int) -> float:
-    """Seconds per fused decode step, between the first and the last token of one ``_decode`` run."""
+    """Seconds per fused decode step, between the first and the last token of one decode run (the engine's
+    decode-step iterator, as ``generate`` runs it)."""
     weighting = WeightingConfig("uniform")
     sampling = SamplingConfig(max_new_tokens=steps + 1)
-    with engine._lock:
-        decoding = engine._decode(prompts, weighting, sampling, track_text=False)  # as generate() runs
-        next(decoding)  # prefill done, first token chosen
-        _sync(engine.mix_device)
-        start, n = time.perf_counter(), 0
-        for _ in decoding:
-            n += 1
-        _sync(engine.mix_device)
+    ((_, plan),) = engine.plan(prompts, sampling.max_new_tokens, engine.reference(0))
+    decoding = engine.decode_steps(plan, weighting, sampling, track_text=False)
+    next(decoding)  # prefill done, first token chosen
+    _sync(engine.mix_device)
+    start, n = time.perf_counter(), 0
+    for _ in decoding:
+        n += 1
+    _sync(engine.mix_device)
     return (time.perf_counter() - start) / n
 
 
@@ -289,7 +290,7 @@ def bench_decode(members: list[Member], cfg: BenchConfig, progress: Callable[[st
         engine = FusionEngine(members[:K])
         for B in cfg.batch_sizes:
             prompts = random_prompts(cfg.vocab_size, cfg.decode_prompt, B, cfg.seed + B)
-            ids, mask = engine._pad([engine.encode(p) for p in prompts])
+            ids, mask = engine.scorer.pad(engine.reference(0), [engine.encode(p) for p in prompts])
             steps = cfg.decode_tokens
             models = [m.model for m in engine.members]
             # Warm-up over the same lengths (kernels and attention plans for every shape), then
@@ -345,7 +346,7 @@ def member_prefill_seconds(model, input_ids: torch.Tensor, mask: torch.Tensor) -
     _sync(dev)
     start = time.perf_counter()
     cache = DynamicCache(config=model.config)
-    model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    model(input_ids=input_ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
     _sync(dev)
     return time.perf_counter() - start
 
@@ -355,7 +356,7 @@ def bench_ttft(members: list[Member], cfg: BenchConfig, progress: Callable[[str]
     prompt = random_prompts(cfg.vocab_size, cfg.ttft_prompt, 1, cfg.seed + 99)
     for K in [k for k in cfg.ks if k > 1] or list(cfg.ks):
         engine = FusionEngine(members[:K])
-        ids, mask = engine._pad([engine.encode(prompt[0])])
+        ids, mask = engine.scorer.pad(engine.reference(0), [engine.encode(prompt[0])])
         sampling = SamplingConfig(max_new_tokens=1)
         engine.generate(prompt, WeightingConfig("optimal"), sampling)  # warm-up
         ttft, solve, prefill, ratios = [], [], [[] for _ in range(K)], []
@@ -555,7 +556,7 @@ def bench_memory(members: list[Member], cfg: BenchConfig, progress: Callable[[st
     logit_bytes = cfg.memory_prompt * cfg.vocab_size * 4  # one member's (T, V) float32 logits
     for K in cfg.ks:
         engine = FusionEngine(members[:K])
-        ids, mask = engine._pad([engine.encode(prompt[0])])
+        ids, mask = engine.scorer.pad(engine.reference(0), [engine.encode(prompt[0])])
         sampling = SamplingConfig(max_new_tokens=2)
 
         fused = partial(engine.generate, prompt, WeightingConfig("optimal"), sampling)

@@ -419,7 +419,7 @@ def evaluate_lm_bytes(
             text = text[:end]
             prompt_text = text[:cut]
             used += 1
-            bpb = engine._bits_per_byte(prompt_text)
+            bpb = engine.bits_per_byte(prompt_text)
             by_ref: dict[int, tuple] = {}
             for k, combos in groups.items():
                 for combo in combos:
@@ -454,8 +454,7 @@ def _reference_logprobs(engine: FusionEngine, ref: int, text: str, cut: int, lim
     n_prompt = sum(1 for i, (start, _) in zip(ids, offsets) if i in specials or start < cut)
     rest_start = offsets[n_prompt][0] if n_prompt < len(ids) else len(text)
     n_bytes = len(text[rest_start : offsets[-1][1]].encode("utf-8"))
-    with engine._reference(ref):
-        lp_list, input_ids, _, _ = engine.member_logprobs([ids])
+    lp_list, input_ids, _, _ = engine.member_logprobs([ids], reference=engine.reference(ref))
     return torch.stack([x[0, :-1] for x in lp_list]), input_ids[0, 1:], n_prompt, n_bytes
 
 

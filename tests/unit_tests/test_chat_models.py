@@ -251,11 +251,13 @@ def test_structured_output_typed_dict_and_stream(chat: ChatPackLLM) -> None:
 def test_grammar_processor_matches_only_generated_tokens_of_left_padded_rows(chat: ChatPackLLM) -> None:
     engine = chat.engine
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-    proc = GrammarLogitsProcessor.for_engine(json_schema_grammar(strict_schema(schema)), engine)
+    proc = GrammarLogitsProcessor.for_reference(
+        json_schema_grammar(strict_schema(schema)), engine.reference(0)
+    )
     tok = engine.tokenizer
     # two prompts of different lengths, left-padded; their text is not JSON and must not reach the grammar
     short, long = tok("no")["input_ids"], tok("certainly not JSON } ] at all")["input_ids"]
-    ids, _ = engine._pad([short, long])
+    ids, _ = engine.scorer.pad(engine.reference(0), [short, long])
     scores = torch.zeros(2, engine.vocab_size)
     masked = proc(ids, scores)
     allowed = [tok.decode([i]) for i in torch.nonzero(masked[0] > float("-inf")).flatten().tolist()]

@@ -231,15 +231,15 @@ def test_errors_are_clear(tiny_paths, tmp_path) -> None:
 
 def test_concurrent_device_groups_match_sequential(members64) -> None:
     """The multi-device path (one thread per device) forced on CPU gives the same tokens and weights."""
-    from langchain_packllm.engine import _device_groups
+    from langchain_packllm.scoring import device_groups
 
     engine = FusionEngine(members64)
-    assert engine._pool is None and _device_groups(members64) == [[0, 1, 2]]  # CPU only: no threads
+    assert not engine.scorer.threaded and device_groups(members64) == [[0, 1, 2]]  # CPU only: no threads
     cfg = SamplingConfig(max_new_tokens=6)
     plain = engine.generate(PROMPTS, WeightingConfig("optimal"), cfg)
     threaded = FusionEngine(members64)
-    threaded._set_device_groups([[2], [0], [1]])
-    assert threaded._pool is not None
+    threaded.scorer.use_device_groups([[2], [0], [1]])
+    assert threaded.scorer.threaded
     outs = threaded.generate(PROMPTS, WeightingConfig("optimal"), cfg)
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
     for a, b in zip(outs, plain):
@@ -251,10 +251,10 @@ def test_concurrent_device_groups_match_sequential(members64) -> None:
 def test_device_groups_put_accelerators_first() -> None:
     from types import SimpleNamespace
 
-    from langchain_packllm.engine import _device_groups
+    from langchain_packllm.scoring import device_groups
 
     fake = [SimpleNamespace(device=torch.device(d)) for d in ("cpu", "cuda:0", "cpu", "cuda:1", "cuda:0")]
-    assert _device_groups(fake) == [[1, 4], [3], [0, 2]]
+    assert device_groups(fake) == [[1, 4], [3], [0, 2]]
 
 
 def test_prefill_keeps_one_buffer_of_raw_logits(members64) -> None:
@@ -262,7 +262,8 @@ def test_prefill_keeps_one_buffer_of_raw_logits(members64) -> None:
     per-prompt slices are views of it (no per-member copy)."""
     engine = FusionEngine(members64)
     batch = [engine.encode(p) for p in PROMPTS[:3]]
-    scores, input_ids, mask, _, last = engine._prefill_scores(batch, use_cache=False)
+    pre = engine.score(batch)
+    scores, input_ids, last = pre.scores, pre.input_ids, pre.last
     K, B, L, V = scores.shape
     assert (K, B, L, V) == (3, 3, input_ids.shape[1], engine.vocab_size)
     row = scores[:, 1, L - len(batch[1]) : L - 1]
@@ -281,7 +282,7 @@ def test_the_prompt_score_buffer_is_reused_and_results_do_not_depend_on_it(membe
     """On the CPU the buffer of one call serves the next (when large enough): a short prompt after a long
     batch, and a long prompt after a short one, give what a fresh engine gives; results handed out
     (member_logprobs, reports, loglikelihood) are never views of it; empty_cache and the size cap drop it."""
-    import langchain_packllm.engine as engine_mod
+    import langchain_packllm.scoring as scoring_mod
 
     if DEVICE != "cpu":
         pytest.skip("the buffer is kept on the CPU only")
@@ -292,28 +293,28 @@ def test_the_prompt_score_buffer_is_reused_and_results_do_not_depend_on_it(membe
 
     engine = FusionEngine(members64)
     logprobs, *_ = engine.member_logprobs([engine.encode(p) for p in PROMPTS])
-    kept = engine._spare
+    kept = engine.scorer._spare
     assert kept is not None and kept.numel() == 3 * len(PROMPTS) * logprobs[0].shape[1] * engine.vocab_size
     before = [lp.clone() for lp in logprobs]
     for prompt in (PROMPTS[3], PROMPTS[2], PROMPTS[0]):  # shorter than the batch: the same buffer
         out, want = engine.generate([prompt], weighting, sampling)[0], fresh(prompt)
         assert out.token_ids == want.token_ids
         assert out.report.weights == pytest.approx(want.report.weights, abs=1e-9)
-        assert engine._spare is kept
+        assert engine.scorer._spare is kept
     assert all(torch.equal(a, b) for a, b in zip(before, logprobs))  # not overwritten by later calls
 
     long = PROMPTS[2] * 4  # longer than the kept buffer: a new, larger one replaces it
     out, want = engine.generate([long], weighting, sampling)[0], fresh(long)
-    assert out.token_ids == want.token_ids and engine._spare.numel() > kept.numel()
+    assert out.token_ids == want.token_ids and engine.scorer._spare.numel() > kept.numel()
     (ll,) = engine.loglikelihood([(PROMPTS[0], " x")])
     (want_ll,) = FusionEngine(members64).loglikelihood([(PROMPTS[0], " x")])
     assert ll.logprob == pytest.approx(want_ll.logprob, rel=1e-12)
 
     engine.empty_cache()
-    assert engine._spare is None
-    monkeypatch.setattr(engine_mod, "KEEP_BUFFER_BYTES", 0)  # over the cap: not kept
+    assert engine.scorer._spare is None
+    monkeypatch.setattr(scoring_mod, "KEEP_BUFFER_BYTES", 0)  # over the cap: not kept
     assert engine.generate([PROMPTS[0]], weighting, sampling)[0].token_ids == fresh(PROMPTS[0]).token_ids
-    assert engine._spare is None
+    assert engine.scorer._spare is None
 
 
 def test_zero_weight_member_is_not_run_and_its_minus_inf_logits_are_harmless(members64) -> None:
@@ -382,21 +383,23 @@ def test_prefill_writes_linear_heads_into_the_buffer_and_checks_them(members64) 
     members = [members64[0], Member("scaled", scaled, members64[1].tokenizer)]
     engine = FusionEngine(members)
     batch = [engine.encode(p) for p in PROMPTS[:2]]
-    scores, input_ids, mask, _, _ = engine._prefill_scores(batch, use_cache=False)
-    assert engine._linear_head(0) is not None and engine._linear_head(1) is None
+    pre = engine.score(batch)
+    scores, input_ids, mask = pre.scores, pre.input_ids, pre.attention_mask
+    assert engine.scorer.linear_head(0) is not None and engine.scorer.linear_head(1) is None
     for k, m in enumerate(members):
         own = own_logits(m.model, input_ids, mask, engine.vocab_size)
         assert torch.allclose(scores[k], own, rtol=1e-10, atol=1e-10)
     full = FusionEngine(members64)
-    assert all(full._linear_head(k) is not None for k in range(3))  # GPT-2, Llama, Qwen2
+    assert all(full.scorer.linear_head(k) is not None for k in range(3))  # GPT-2, Llama, Qwen2
 
 
 def test_half_precision_members_fill_a_float32_buffer(tiny_paths) -> None:
     members = [load_member(p, torch_dtype="bfloat16", device=DEVICE) for p in tiny_paths[:2]]
     engine = FusionEngine(members)
     batch = [engine.encode(p) for p in PROMPTS[:2]]
-    scores, input_ids, mask, _, _ = engine._prefill_scores(batch, use_cache=False)
-    assert scores.dtype == torch.float32 and all(engine._linear_head(k) for k in range(2))
+    pre = engine.score(batch)
+    scores, input_ids, mask = pre.scores, pre.input_ids, pre.attention_mask
+    assert scores.dtype == torch.float32 and all(engine.scorer.linear_head(k) for k in range(2))
     for k, m in enumerate(members):
         own = own_logits(m.model, input_ids, mask, engine.vocab_size).float()
         assert torch.allclose(scores[k], own, rtol=2e-2, atol=2e-2)
@@ -425,19 +428,19 @@ def test_nan_while_decoding_is_named(members64, temperature: float, bad_value: f
 
 
 def test_a_base_model_that_refuses_the_arguments_falls_back_to_the_model(members64) -> None:
-    from langchain_packllm.engine import _LinearHead
+    from langchain_packllm.scoring import LinearHead
 
     engine = FusionEngine(members64[:2])
-    head = engine._linear_head(1)
+    head = engine.scorer.linear_head(1)
 
     class Narrow(torch.nn.Module):
         def forward(self, input_ids, use_cache=False):  # no attention mask, position ids or cache
             raise AssertionError("not reached: the call's arguments do not fit")
 
-    engine._heads[1] = _LinearHead(Narrow(), head.weight, head.bias)
+    engine.scorer._heads[1] = LinearHead(Narrow(), head.weight, head.bias)
     fixed = [0.5, 0.5]
     out = engine.generate(PROMPTS[:2], WeightingConfig(weighting=fixed), SamplingConfig(max_new_tokens=6))
-    assert engine._heads[1] is None
+    assert engine.scorer.linear_head(1) is None
     for prompt, o in zip(PROMPTS[:2], out):
         assert o.token_ids == naive_greedy(members64[:2], fixed, prompt, 6)
 
@@ -454,8 +457,9 @@ def test_prefill_scores_equal_the_models_own_logits_across_architectures(arch: s
     model = make_tiny_model(arch, tokenizer)
     engine = FusionEngine([Member(arch, model, tokenizer)])
     prompts = [" ".join(f"w{i}" for i in range(3, 3 + n)) for n in (4, 9)]
-    scores, ids, mask, _, _ = engine._prefill_scores([engine.encode(p) for p in prompts], use_cache=True)
-    assert (engine._linear_head(0) is not None) == (arch not in NOT_LINEAR_HEADS)
+    pre = engine.score([engine.encode(p) for p in prompts], use_cache=True)
+    scores, ids, mask = pre.scores, pre.input_ids, pre.attention_mask
+    assert (engine.scorer.linear_head(0) is not None) == (arch not in NOT_LINEAR_HEADS)
     own = own_logits(model, ids, mask, engine.vocab_size)
     real = mask.bool()
     assert torch.allclose(scores[0][real], own[real], rtol=1e-4, atol=1e-4)

@@ -102,11 +102,11 @@ def test_mined_decode_equals_naive_recipe(mixed64, ref: int) -> None:
     engine = FusionEngine(mixed64)
     w = [0.6, 0.4]
     for prompt in PROMPTS:
-        with engine._reference(ref):
-            *_, (rows, reports) = engine._decode(
-                [prompt], WeightingConfig(w), SamplingConfig(max_new_tokens=8)
-            )
-        assert rows[0].ids == naive_mined_greedy(mixed64, ref, w, prompt, 8), (ref, prompt)
+        out = engine.generate(
+            [prompt], WeightingConfig(w), SamplingConfig(max_new_tokens=8), reference=engine.reference(ref)
+        )[0]
+        assert out.report.reference == mixed64[ref].name
+        assert out.token_ids == naive_mined_greedy(mixed64, ref, w, prompt, 8), (ref, prompt)
 
 
 def test_batch_of_mixed_references_keeps_prompt_order(mixed64) -> None:
@@ -125,7 +125,7 @@ def test_identical_tokenizers_through_alignment_equal_shared_path(tiny_paths) ->
     aligned = FusionEngine(members, alignment="mined")
     assert shared.alignment == "none" and aligned.alignment == "mined"
     for k in (1, 2):
-        token_map = aligned._token_map(0, k)
+        token_map = aligned.reference(0).token_maps[k]
         assert torch.equal(token_map.ids, torch.arange(len(members[0].tokenizer)))
         assert not token_map.approx.any()
     a = shared.generate(PROMPTS, WeightingConfig("optimal"), SamplingConfig(max_new_tokens=8))

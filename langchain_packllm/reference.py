@@ -1,0 +1,285 @@
+"""Whose tokenizer a call reads: the reference member, its token maps, and the plan of one call.
+
+A pack whose members share a vocabulary reads every prompt with that vocabulary (member 0's tokenizer).
+A pack of mixed vocabularies picks a reference member per prompt, the one with the lowest bits per byte on
+the prompt (each member scoring its own tokenization: comparable across tokenizers, unlike per-token
+perplexity); the other members read the reference tokens through token maps (MinED, paper section 3.4) or
+follow the text with their own tokens (prefix alignment).
+
+Everything a call decides travels in a :class:`Plan` (the :class:`Reference` view, the prompt ids, what was
+truncated), handed to whatever renders, constrains, decodes or stops; nothing of it is stored on the engine,
+so concurrent calls whose prompts pick different references never see each other's choice.
+
+Example::
+
+    >>> plan = engine.plan(["def main("], reserve=16)[0]
+    >>> plan.reference.name, plan.reference.vocab_size, plan.ids
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from langchain_packllm.members import Member
+
+ALIGNMENTS = ("auto", "mined", "prefix", "none")
+
+
+@dataclass(frozen=True)
+class TokenMap:
+    """A member's view of the reference vocabulary: ``ids[r]`` is its token for reference token r (MinED);
+    ``approx[r]`` says the match was not exact."""
+
+    ids: torch.Tensor  # (V_ref,) long, on the member's device
+    approx: torch.Tensor  # (V_ref,) bool, on the mix device
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A call's reading of the pack through member ``index``'s tokenizer: its vocabulary width, its EOS ids,
+    and how every member reads and writes that vocabulary (``token_maps[k]``: None when member k shares it
+    or reads its own tokens). Immutable and shared by every call with this reference."""
+
+    index: int
+    name: str
+    tokenizer: Any
+    vocab_size: int  # width of the fused scores: the reference tokenizer's size (shared packs: the narrowest)
+    eos_ids: frozenset[int]  # the ids that end a generation
+    alignment: str  # "none", "mined" or "prefix"
+    token_maps: tuple[TokenMap | None, ...]
+    aligners: tuple[Any, ...] | None  # prefix mode: PrefixAligner (member k -> reference) per member
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt (with the tokenizer's special tokens, e.g. BOS, never twice)."""
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and ids[:2] == [bos, bos]:  # the text (e.g. a chat template) already had BOS
+            ids = ids[1:]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def start_token(self) -> int:
+        """The token an empty prompt starts from: BOS, else EOS."""
+        tok = self.tokenizer
+        for tid in (tok.bos_token_id, tok.eos_token_id):
+            if tid is not None:
+                return int(tid)
+        raise ValueError(
+            f"The prompt is empty and {self.name!r}'s tokenizer has neither a BOS nor an EOS token to start "
+            "from; pass a non-empty prompt."
+        )
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return self.start_token() if pad is None else int(pad)
+
+    def approx_count(self, ids: torch.Tensor) -> int:
+        """How many of these reference ids some member reads through an inexact (MinED) map."""
+        approx = torch.zeros_like(ids, dtype=torch.bool)
+        for token_map in self.token_maps:
+            if token_map is not None:
+                approx |= token_map.approx.to(ids.device)[ids]
+        return int(approx.sum())
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One call's decisions for a group of prompts read with the same reference, made before anything is
+    rendered, constrained or decoded: the reference, each prompt's ids (fitted to the context), whether it
+    was truncated, why it fell back, and each member's bits per byte (mixed packs)."""
+
+    reference: Reference
+    prompts: tuple[str, ...]
+    ids: tuple[tuple[int, ...], ...]  # per prompt: the reference ids fed to the members
+    truncated: tuple[bool, ...]
+    fallbacks: tuple[str | None, ...]
+    bits_per_byte: tuple[tuple[float, ...] | None, ...]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+class ReferencePolicy:
+    """Chooses the reference member of a prompt and builds (once, thread-safely) the token maps and
+    aligners a reference needs. Holds no per-call state: only caches of immutable objects."""
+
+    def __init__(self, members: Sequence[Member], alignment: str, mix_device: torch.device):
+        if alignment not in ALIGNMENTS:
+            raise ValueError(f"alignment must be 'auto', 'mined', 'prefix' or 'none'; got {alignment!r}.")
+        self.members = list(members)
+        self.mix_device = mix_device
+        mismatch = _first_vocabulary_mismatch(self.members)
+        if mismatch is not None and alignment == "none":
+            a, b = mismatch
+            raise ValueError(
+                f"Members {a!r} and {b!r} have different vocabularies and alignment='none'; use "
+                "alignment='mined' to fuse them through token maps."
+            )
+        if alignment in ("mined", "prefix"):
+            self.alignment = alignment
+        else:
+            self.alignment = "mined" if alignment == "auto" and mismatch else "none"
+        self._eos = [frozenset(m.eos_token_ids) for m in self.members]
+        self._references: dict[int, Reference] = {}
+        self._lock = threading.Lock()  # guards the caches while a map is built
+
+    # ------------------------------------------------------------------ references
+
+    def reference(self, index: int) -> Reference:
+        """The (cached) :class:`Reference` of member ``index`` (always 0 in a pack of one vocabulary)."""
+        if self.alignment == "none":
+            index = 0
+        if not 0 <= index < len(self.members):
+            raise IndexError(f"No member {index}; the pack has {len(self.members)}.")
+        ref = self._references.get(index)
+        if ref is None:
+            with self._lock:
+                ref = self._references.get(index) or self._build_reference(index)
+                self._references[index] = ref
+        return ref
+
+    def _build_reference(self, index: int) -> Reference:
+        member = self.members[index]
+        K = len(self.members)
+        if self.alignment == "none":
+            vocab = min(m.vocab_size for m in self.members)
+            eos = frozenset().union(*self._eos)
+            return Reference(index, member.name, member.tokenizer, vocab, eos, "none", (None,) * K, None)
+        vocab = len(member.tokenizer)
+        maps: list[TokenMap | None] = [None] * K
+        aligners = None
+        if self.alignment == "mined":
+            from langchain_packllm.alignment import MinEDMap
+
+            for k, other in enumerate(self.members):
+                if k != index:
+                    mined = MinEDMap.from_tokenizers(member.tokenizer, other.tokenizer)
+                    approx = ~torch.as_tensor(mined.exact).to(self.mix_device)
+                    maps[k] = TokenMap(mined.ids_on(other.device), approx)
+        else:
+            from langchain_packllm.bytealign import PrefixAligner
+
+            aligners = tuple(PrefixAligner(m.tokenizer, member.tokenizer) for m in self.members)
+        return Reference(index, member.name, member.tokenizer, vocab, self._eos[index], self.alignment,
+                         tuple(maps), aligners)  # fmt: skip
+
+    def prepare(self) -> None:
+        """Build (or load from the disk cache) what every possible reference needs, now."""
+        for index in range(len(self.members) if self.alignment != "none" else 1):
+            self.reference(index)
+
+    # ------------------------------------------------------------------ the choice
+
+    def choose(self, text: str) -> tuple[Reference, tuple[float, ...] | None]:
+        """The reference for a prompt, and each member's bits per byte on it (None without alignment)."""
+        if self.alignment == "none":
+            return self.reference(0), None
+        bpb = tuple(bits_per_byte(self.members, text))
+        finite = [(v, k) for k, v in enumerate(bpb) if math.isfinite(v)]
+        return self.reference(min(finite)[1] if finite else 0), bpb
+
+    def plan(
+        self,
+        prompts: Sequence[str],
+        reserve: int,
+        max_length: int | None,
+        reference: Reference | None = None,
+    ) -> list[tuple[list[int], Plan]]:
+        """Plans for ``prompts``: ``[(indices into prompts, plan)]``, one per reference (in order of first
+        appearance); with ``reference`` given, one plan reading every prompt with it."""
+        groups: dict[int, tuple[list[int], list]] = {}
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"Prompts must be strings; prompt {i} is {type(prompt).__name__}.")
+            if reference is None:
+                ref, bpb = self.choose(prompt)
+            else:
+                ref, bpb = reference, None
+            indices, rows = groups.setdefault(ref.index, ([], []))
+            indices.append(i)
+            rows.append((prompt, bpb, ref))
+        out = []
+        for indices, rows in groups.values():
+            ref = rows[0][2]
+            fitted = [fit(ref, ref.encode(p), reserve, max_length) for p, _, _ in rows]
+            plan = Plan(
+                reference=ref,
+                prompts=tuple(p for p, _, _ in rows),
+                ids=tuple(tuple(ids) for ids, _, _ in fitted),
+                truncated=tuple(t for _, t, _ in fitted),
+                fallbacks=tuple(f for _, _, f in fitted),
+                bits_per_byte=tuple(b for _, b, _ in rows),
+            )
+            out.append((indices, plan))
+        return out
+
+
+def fit(
+    ref: Reference, ids: list[int], reserve: int, limit: int | None
+) -> tuple[list[int], bool, str | None]:
+    """Make a prompt decodable: a start token if empty, its tail if it does not fit the context.
+
+    The prompt keeps at least half the shortest member context; ``reserve`` new tokens get the rest
+    (generation then stops at the context limit with ``finish_reason == "length"``).
+    """
+    fallback = None
+    if not ids:
+        ids = [ref.start_token()]
+        fallback = "empty prompt: decoding from the start token with uniform weights"
+    truncated = False
+    if limit is not None:
+        room = limit - min(reserve, limit // 2)
+        if len(ids) > room:
+            warnings.warn(
+                f"Prompt of {len(ids)} tokens does not fit the members' context ({limit} tokens) with "
+                f"max_new_tokens={reserve}; keeping its last {room} tokens.",
+                stacklevel=5,
+            )
+            ids, truncated = ids[-room:], True
+    return ids, truncated, fallback
+
+
+@torch.inference_mode()
+def bits_per_byte(members: Sequence[Member], text: str) -> list[float]:
+    """Each member's bits per byte on ``text``, scoring its own tokenization (comparable across tokenizers,
+    unlike per-token perplexity). NaN where the text has fewer than 2 tokens. A text longer than a member's
+    context is scored on its last tokens that fit (and the bytes they cover)."""
+    out = []
+    for m in members:
+        enc = m.tokenizer(text, add_special_tokens=True)
+        ids = list(enc["input_ids"])
+        limit = m.max_length
+        if limit is not None and len(ids) > limit:
+            ids = ids[-limit:]
+            covered = m.tokenizer.decode(ids, skip_special_tokens=True)
+        else:
+            covered = text
+        first = m.tokenizer.decode(ids[:1], skip_special_tokens=True) if ids else ""
+        n_bytes = len(covered.encode("utf-8")) - len(first.encode("utf-8"))
+        if len(ids) < 2 or n_bytes <= 0:
+            out.append(float("nan"))
+            continue
+        x = torch.tensor([ids], device=m.device)
+        logits = m.model(input_ids=x).logits[0, :-1, : len(m.tokenizer)].float()
+        nll = -torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).sum()
+        out.append(float(nll) / math.log(2) / n_bytes)
+    return out
+
+
+def _first_vocabulary_mismatch(members: Sequence[Member]) -> tuple[str, str] | None:
+    ref = members[0]
+    ref_vocab = ref.tokenizer.get_vocab()
+    for other in members[1:]:
+        if other.tokenizer.get_vocab() != ref_vocab:
+            return ref.name, other.name
+    return None

@@ -1,0 +1,324 @@
+"""The members' forwards: prefill into one score buffer, cached decode steps, devices and buffers.
+
+:class:`Scorer` runs members on reference token ids (a :class:`~langchain_packllm.reference.Reference`
+says how each member reads them) and writes their logits over the reference vocabulary. It keeps only what
+is safe to share between concurrent calls: the members' output-layer shortcut (checked once), one
+prompt-score buffer kept for the next call on a CPU, one worker thread per device (when members sit on
+several devices), and a lock per member so that each member runs one forward at a time (calls interleave
+forward by forward; no lock is held between two forwards).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from langchain_packllm.members import Member, cache_kwargs
+from langchain_packllm.reference import Reference
+
+# On a CPU the engine keeps the (K, B, L, V) prompt-score buffer of a call for the next one when it holds at
+# most this many bytes (Scorer.empty_cache frees it). A fresh buffer of that size is above glibc's mmap
+# threshold, so each call would fault its pages in anew: 20 ms per 65 MB here, a fifth of toy members'
+# prefill. On CUDA the caching allocator already reuses memory.
+KEEP_BUFFER_BYTES = 256 << 20
+
+
+@dataclass
+class PrefillScores:
+    """One forward per member over a left-padded batch of reference ids.
+
+    ``scores`` is ``(K, B, L, V)`` raw logits (at least float32) on the mix device, from
+    :meth:`Scorer.score_buffer` (give it back with :meth:`Scorer.recycle`); ``last`` is a copy of the last
+    position ``(K, B, V)``; ``caches`` the members' KV caches (None without ``use_cache``)."""
+
+    scores: torch.Tensor
+    input_ids: torch.Tensor  # (B, L) on the mix device
+    attention_mask: torch.Tensor  # (B, L) on the mix device
+    padded: bool  # whether some row is padded (then forwards take the mask and position ids)
+    caches: list[DynamicCache | None]
+    last: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    base: torch.nn.Module  # the model without its output layer: ``base(...).last_hidden_state``
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None
+
+
+class Scorer:
+    """Forwards of a pack's members (see the module docstring)."""
+
+    def __init__(self, members: Sequence[Member], mix_device: torch.device):
+        self.members = list(members)
+        self.mix_device = mix_device
+        # Read once: these lookups walk the model or its config and cost tens of microseconds each.
+        self.devices = [m.device for m in self.members]
+        self.scores_dtype = torch.float32  # the prompt scores' dtype: at least float32
+        for m in self.members:
+            self.scores_dtype = torch.promote_types(self.scores_dtype, m.model.dtype)
+        self._heads: dict[int, LinearHead | None] = {}
+        self._heads_lock = threading.Lock()
+        self._member_locks = [threading.Lock() for _ in self.members]
+        self._spare: torch.Tensor | None = None  # the last prompt-score buffer, kept on the CPU
+        self._spare_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self.use_device_groups(device_groups(self.members))
+
+    def use_device_groups(self, groups: list[list[int]]) -> None:
+        """Run the members of each group in turn and the groups concurrently, one thread each (by default
+        one group per device; the benchmarks and tests force other groupings)."""
+        self.close()
+        self.groups = groups
+        if len(groups) > 1:
+            self._pool = ThreadPoolExecutor(len(groups), thread_name_prefix="packllm")
+
+    @property
+    def threaded(self) -> bool:
+        """Whether members on different devices run their forwards concurrently (one thread per device)."""
+        return self._pool is not None
+
+    def close(self) -> None:
+        """End the per-device worker threads (a later call runs the members in turn)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ buffers
+
+    def empty_cache(self) -> None:
+        """Free the prompt-score buffer kept between calls on the CPU."""
+        with self._spare_lock:
+            self._spare = None
+
+    def score_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised ``shape`` tensor for prompt scores: the kept buffer when it is large enough."""
+        numel = math.prod(shape)
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is None or spare.numel() < numel:
+            del spare  # freed before the new one is made
+            spare = torch.empty(numel, dtype=self.scores_dtype, device=self.mix_device)
+        return spare[:numel].view(shape)
+
+    def recycle(self, scores: torch.Tensor) -> None:
+        """Keep the buffer behind ``scores`` (from :meth:`score_buffer`; no view of it may be used after
+        this) for the next call, on a CPU and up to ``KEEP_BUFFER_BYTES``."""
+        flat = scores if scores._base is None else scores._base
+        if flat.device.type == "cpu" and flat.numel() * flat.element_size() <= KEEP_BUFFER_BYTES:
+            with self._spare_lock:
+                if self._spare is None or self._spare.numel() < flat.numel():
+                    self._spare = flat
+
+    # ------------------------------------------------------------------ forwards
+
+    @torch.inference_mode()
+    def logits(
+        self, ref: Reference, k: int, input_ids, attention_mask, position_ids, cache, *, hidden: bool = False
+    ) -> torch.Tensor:
+        """Member k's forward on reference token ids: its logits over the reference vocabulary ``(B, L, V)``,
+        on its own device and in its own dtype. A member of another vocabulary reads and writes through its
+        MinED token map. ``hidden=True`` runs the base model only and returns its last hidden state
+        ``(B, L, H)`` (see :meth:`linear_head`)."""
+        member = self.members[k]
+        dev = self.devices[k]
+        input_ids = input_ids.to(dev)
+        token_map = ref.token_maps[k]
+        if token_map is not None:
+            input_ids = token_map.ids[input_ids]  # reference ids -> member ids
+        head = self.linear_head(k) if hidden else None
+        module = head.base if hidden else member.model
+        with self._member_locks[k]:
+            out = module(
+                input_ids=input_ids,
+                attention_mask=None if attention_mask is None else attention_mask.to(dev),
+                position_ids=None if position_ids is None else position_ids.to(dev),
+                use_cache=cache is not None,
+                **cache_kwargs(module, cache),
+            )
+        if hidden:
+            return out.last_hidden_state
+        if token_map is not None:
+            return out.logits.index_select(-1, token_map.ids)  # member logits -> reference vocabulary
+        return out.logits[..., : ref.vocab_size]
+
+    def linear_head(self, k: int) -> LinearHead | None:
+        """Member k's output layer when its logits are exactly ``base(x).last_hidden_state @ W.T + b`` (the
+        shape of every ``*ForCausalLM`` without logit scaling or soft-capping), checked once against the
+        model's own forward on a few tokens; else None. Then the prefill writes the prompt's logits straight
+        into the score buffer (one matrix product) instead of copying the model's own ``(B, L, V)`` output."""
+        if k not in self._heads:
+            with self._heads_lock:
+                if k not in self._heads:
+                    self._heads[k] = _linear_head(self.members[k])
+        return self._heads[k]
+
+    def disable_linear_head(self, k: int) -> None:
+        with self._heads_lock:
+            self._heads[k] = None
+
+    def run_members(
+        self, fn: Callable[[int], torch.Tensor | None], active: Sequence[int] | None = None
+    ) -> list[torch.Tensor | None]:
+        """``[fn(k) for k in members]`` (``None`` for members not in ``active``, when given); with members on
+        several devices, one thread per device."""
+        K = len(self.members)
+        wanted = range(K) if active is None else sorted(set(active))
+        out: list[torch.Tensor | None] = [None] * K
+        pool = self._pool
+        if pool is None:
+            for k in wanted:
+                out[k] = fn(k)
+            return out
+
+        def run_group(group: list[int]) -> list[torch.Tensor | None]:
+            with torch.inference_mode():
+                return [fn(k) for k in group]
+
+        groups = [[k for k in g if k in wanted] for g in self.groups]
+        futures = [(group, pool.submit(run_group, group)) for group in groups if group]
+        for group, future in futures:
+            for k, value in zip(group, future.result()):
+                out[k] = value
+        return out
+
+    def step(
+        self, ref: Reference, next_ids, mask, positions, caches, active: Sequence[int]
+    ) -> list[torch.Tensor | None]:
+        """One cached decode step of the ``active`` members: their raw next-token logits ``(B, V)`` on their
+        own devices (``None`` for the others, whose weight is 0 in every row: their forward is skipped, and
+        their cache, never read again, falls behind)."""
+
+        def one(k: int) -> torch.Tensor:
+            return self.logits(ref, k, next_ids, mask, positions, caches[k])[:, -1]
+
+        return self.run_members(one, active)
+
+    def pad(self, ref: Reference, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad reference ids: ``(B, L)`` ids and attention mask on the mix device."""
+        L = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), L), ref.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), L), dtype=torch.long)
+        for b, ids in enumerate(batch):
+            input_ids[b, L - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+            mask[b, L - len(ids) :] = 1
+        return input_ids.to(self.mix_device), mask.to(self.mix_device)
+
+    def prefill(self, ref: Reference, batch: Sequence[Sequence[int]], *, use_cache: bool) -> PrefillScores:
+        """One forward per member over the left-padded batch (see :class:`PrefillScores`).
+
+        Members' logits are written member by member into one buffer so that no member's logits are held
+        twice. The weight solve works on raw logits (they give the same fused distribution as log-probs),
+        so the prompt positions are never log-softmaxed. ``-inf`` logits are raised to the dtype's lowest
+        finite value, so that a member with weight 0 contributes 0, not NaN, to the mix. A batch without
+        padding (e.g. one prompt) is run without attention mask and position ids, as a member alone is.
+        """
+        input_ids, mask = self.pad(ref, batch)
+        padded = is_padded(batch)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) if padded else None
+        K, (B, L) = len(self.members), input_ids.shape
+        scores = self.score_buffer((K, B, L, ref.vocab_size))
+        caches = [DynamicCache(config=m.model.config) if use_cache else None for m in self.members]
+        run_mask = mask if padded else None
+        self.run_members(
+            lambda k: self._prefill_member(ref, k, scores[k], input_ids, run_mask, positions, caches[k])
+        )
+        last = scores[:, :, -1].clone()  # (K, B, V): the buffer is given back after the solve
+        return PrefillScores(scores, input_ids, mask, padded, caches, last)
+
+    def _prefill_member(
+        self, ref: Reference, k: int, out: torch.Tensor, input_ids, mask, positions, cache
+    ) -> None:
+        """Member k's forward over the batch, its logits written into ``out`` ``(B, L, V)`` (a slice of the
+        score buffer): through :meth:`linear_head` when it applies (one matrix product into ``out``), else
+        the model's own logits copied in."""
+        lowest = torch.finfo(out.dtype).min
+        head = self.linear_head(k) if ref.token_maps[k] is None else None
+        if head is None:
+            logits = self.logits(ref, k, input_ids, mask, positions, cache)
+            if logits.dtype == out.dtype and logits.device == out.device:
+                torch.clamp(logits, min=lowest, out=out)
+            else:
+                out.copy_(logits).clamp_min_(lowest)
+            return
+        try:
+            h = self.logits(ref, k, input_ids, mask, positions, cache, hidden=True).flatten(0, 1)  # (B*L, H)
+        except TypeError:  # a base model that does not take these arguments: the model's own forward
+            self.disable_linear_head(k)
+            return self._prefill_member(ref, k, out, input_ids, mask, positions, cache)
+        weight = head.weight[: ref.vocab_size]
+        bias = None if head.bias is None else head.bias[: ref.vocab_size]
+        out = out.view(h.shape[0], -1)
+        with torch.no_grad():
+            if h.device != out.device:
+                out.copy_(torch.nn.functional.linear(h, weight, bias)).clamp_min_(lowest)
+            elif h.dtype == out.dtype:  # a linear layer: finite, no clamp
+                if bias is None:
+                    torch.mm(h, weight.T, out=out)
+                else:
+                    torch.addmm(bias, h, weight.T, out=out)
+            else:
+                _mm_upcast(h, weight, bias, out)
+
+
+def last_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probs ``(B, V)`` of the last position, at least float32, on the logits' device."""
+    last = logits[:, -1]
+    return torch.log_softmax(last.to(torch.promote_types(last.dtype, torch.float32)), dim=-1)
+
+
+@torch.inference_mode()
+def _linear_head(member: Member) -> LinearHead | None:
+    """See :meth:`Scorer.linear_head`: the check runs the model and its base on four tokens."""
+    model = member.model
+    base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    head = model.get_output_embeddings()
+    if not isinstance(base, torch.nn.Module) or base is model or type(head) is not torch.nn.Linear:
+        return None
+    ids = torch.arange(1, 5, device=member.device)[None] % head.weight.shape[0]
+    try:
+        want = model(input_ids=ids, use_cache=False).logits
+        got = torch.nn.functional.linear(
+            base(input_ids=ids, use_cache=False).last_hidden_state, head.weight, head.bias
+        )
+    except Exception:  # noqa: BLE001 - any model that does not fit the pattern keeps its own forward
+        return None
+    tol = 1e-5 if want.dtype in (torch.float32, torch.float64) else 1e-2
+    if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
+        return None
+    return LinearHead(base, head.weight, head.bias)
+
+
+def _mm_upcast(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """``out = h @ weight.T + bias`` for half-precision ``h`` and ``weight`` and a float32 ``out``: on CUDA
+    one matrix product with float32 output (``torch.mm(..., out_dtype=)``), elsewhere the product in the
+    members' dtype copied into ``out``."""
+    if h.is_cuda:
+        try:
+            torch.mm(h, weight.T, out_dtype=out.dtype, out=out)
+        except (RuntimeError, TypeError):
+            pass
+        else:
+            if bias is not None:
+                out += bias
+            return
+    out.copy_(torch.nn.functional.linear(h, weight, bias))
+
+
+def is_padded(batch: Sequence[Sequence[int]]) -> bool:
+    """Whether left-padding a batch of token-id lists pads any row (their lengths differ)."""
+    return len({len(ids) for ids in batch}) > 1
+
+
+def device_groups(members: Sequence[Member]) -> list[list[int]]:
+    """Member indices grouped by device, accelerators first (their work queues while the CPU computes)."""
+    groups: dict[torch.device, list[int]] = {}
+    for k, m in enumerate(members):
+        groups.setdefault(m.device, []).append(k)
+    return sorted(groups.values(), key=lambda g: members[g[0]].device.type == "cpu")
