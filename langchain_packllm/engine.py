@@ -34,7 +34,9 @@ Example::
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -267,24 +269,46 @@ class FusionEngine:
         ref, prompt = plan.reference, plan.prompts[0]
         if not prompt:
             raise ValueError("alignment='prefix' needs a non-empty prompt.")
-        for m in self.members:
-            n = len(m.tokenizer(prompt)["input_ids"])
-            if m.max_length is not None and n >= m.max_length:
-                raise ValueError(
-                    f"Prompt of {n} tokens does not fit member {m.name!r}'s context ({m.max_length}); "
-                    "alignment='prefix' does not truncate: shorten the prompt or use alignment='mined'."
-                )
+        prompt, truncated = self._fit_text(prompt, plan.reserve)
         aligners = dict(enumerate(ref.aligners))
         lp, r_enc = bytealign.reference_logprobs(self.members, ref.index, prompt, aligners)  # (K, T, V_ref)
         lp = bytealign.smooth_logprobs(lp).to(self.mix_device)
         targets = torch.tensor(r_enc.ids[r_enc.n_special :], device=self.mix_device)  # (T,)
         solution = solve(lp, targets, config, None)
         report = make_report(
-            solution, self.names, config, prompt_tokens=len(r_enc.ids), reference=ref,
+            solution, self.names, config, prompt_tokens=len(r_enc.ids), truncated=truncated, reference=ref,
             bits_per_byte=plan.bits_per_byte[0],
         )  # fmt: skip
         mixer = Mixer.build(solution.weights[None], self.mix_device, lp.dtype)
+        if truncated:
+            plan = dataclasses.replace(plan, prompts=(prompt,))
         return [report], (lambda: PrefixSteps(self.scorer, plan, r_enc.ids, mixer))
+
+    def _fit_text(self, text: str, reserve: int) -> tuple[str, bool]:
+        """Under ``alignment="prefix"`` every member reads the text with its own tokens: keep the tail of the
+        text that every member's tokenization fits in its context with ``reserve`` new tokens (at least
+        half of each context stays for the prompt), as the shared-vocabulary path keeps the tail of the ids."""
+        start, rounds = 0, 0
+        while rounds < 8:
+            cut = 0
+            for m in self.members:
+                if m.max_length is None:
+                    continue
+                room = m.max_length - min(reserve, m.max_length // 2) - 1  # one for a start token
+                enc = m.tokenizer(text[start:], add_special_tokens=True, return_offsets_mapping=True)
+                n = len(enc["input_ids"])
+                if n > room:
+                    cut = max(cut, enc["offset_mapping"][n - room][0], 1)
+            if not cut:
+                break
+            start, rounds = start + cut, rounds + 1
+        if start:
+            warnings.warn(
+                f"Prompt of {len(text)} characters does not fit every member's context with "
+                f"max_new_tokens={reserve}; keeping its last {len(text) - start} characters.",
+                stacklevel=6,
+            )
+        return text[start:], start > 0
 
     # ------------------------------------------------------------------ decoding
 
@@ -354,7 +378,9 @@ class FusionEngine:
     def _split(plan: Plan) -> list[Plan]:
         """A plan of several prompts as plans of one prompt each."""
         return [
-            Plan(plan.reference, (p,), (ids,), (t,), (f,), (b,))
+            dataclasses.replace(
+                plan, prompts=(p,), ids=(ids,), truncated=(t,), fallbacks=(f,), bits_per_byte=(b,)
+            )
             for p, ids, t, f, b in zip(
                 plan.prompts, plan.ids, plan.truncated, plan.fallbacks, plan.bits_per_byte
             )
@@ -381,7 +407,9 @@ class FusionEngine:
             row = rows[0]
             if row.done:
                 break
-            safe = _safe_prefix_length(row.text, sampling.stop)
+            safe = min(
+                _safe_prefix_length(row.text, sampling.stop), plan.reference.stable_text_length(row.ids)
+            )
             if safe > emitted:
                 yield StreamChunk(row.text[emitted:safe])
                 emitted = safe

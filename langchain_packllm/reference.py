@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import math
+import re
 import threading
 import warnings
 from collections.abc import Sequence
@@ -55,6 +56,16 @@ class Reference:
     alignment: str  # "none", "mined" or "prefix"
     token_maps: tuple[TokenMap | None, ...]
     aligners: tuple[Any, ...] | None  # prefix mode: PrefixAligner (member k -> reference) per member
+    byte_ids: frozenset[int] = frozenset()  # byte-fallback tokens (<0xNN>): their text depends on the next
+
+    def stable_text_length(self, ids: Sequence[int]) -> int:
+        """How much of ``decode(ids)`` later tokens cannot change: all of it, except the text of a trailing
+        run of byte-fallback tokens (a tokenizer with byte fallback decodes a run of byte tokens that is not
+        valid UTF-8 as U+FFFD for every byte, so ``<0x36>`` reads "6" until an invalid byte follows it)."""
+        j = len(ids)
+        while j > 0 and ids[j - 1] in self.byte_ids:
+            j -= 1
+        return len(self.decode(ids[:j])) if j < len(ids) else len(self.decode(ids))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt (with the tokenizer's special tokens, e.g. BOS, never twice)."""
@@ -104,6 +115,7 @@ class Plan:
     truncated: tuple[bool, ...]
     fallbacks: tuple[str | None, ...]
     bits_per_byte: tuple[tuple[float, ...] | None, ...]
+    reserve: int = 0  # new tokens kept free in the context
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -151,10 +163,13 @@ class ReferencePolicy:
     def _build_reference(self, index: int) -> Reference:
         member = self.members[index]
         K = len(self.members)
+        byte_ids = _byte_fallback_ids(member.tokenizer)
         if self.alignment == "none":
             vocab = min(m.vocab_size for m in self.members)
             eos = frozenset().union(*self._eos)
-            return Reference(index, member.name, member.tokenizer, vocab, eos, "none", (None,) * K, None)
+            return Reference(
+                index, member.name, member.tokenizer, vocab, eos, "none", (None,) * K, None, byte_ids
+            )
         vocab = len(member.tokenizer)
         maps: list[TokenMap | None] = [None] * K
         aligners = None
@@ -171,7 +186,7 @@ class ReferencePolicy:
 
             aligners = tuple(PrefixAligner(m.tokenizer, member.tokenizer) for m in self.members)
         return Reference(index, member.name, member.tokenizer, vocab, self._eos[index], self.alignment,
-                         tuple(maps), aligners)  # fmt: skip
+                         tuple(maps), aligners, byte_ids)  # fmt: skip
 
     def prepare(self) -> None:
         """Build (or load from the disk cache) what every possible reference needs, now."""
@@ -219,6 +234,7 @@ class ReferencePolicy:
                 truncated=tuple(t for _, t, _ in fitted),
                 fallbacks=tuple(f for _, _, f in fitted),
                 bits_per_byte=tuple(b for _, b, _ in rows),
+                reserve=reserve,
             )
             out.append((indices, plan))
         return out
@@ -274,6 +290,14 @@ def bits_per_byte(members: Sequence[Member], text: str) -> list[float]:
         nll = -torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).sum()
         out.append(float(nll) / math.log(2) / n_bytes)
     return out
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _byte_fallback_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids of a tokenizer's byte-fallback tokens ``<0xNN>`` (none in a byte-level BPE)."""
+    return frozenset(i for t, i in tokenizer.get_vocab().items() if len(t) == 6 and _BYTE_TOKEN.fullmatch(t))
 
 
 def _first_vocabulary_mismatch(members: Sequence[Member]) -> tuple[str, str] | None:
