@@ -465,3 +465,37 @@ def test_prefill_scores_equal_the_models_own_logits_across_architectures(arch: s
     assert torch.allclose(scores[0][real], own[real], rtol=1e-4, atol=1e-4)
     outs = engine.generate(prompts, WeightingConfig(weighting=[1.0]), SamplingConfig(max_new_tokens=3))
     assert [len(o.token_ids) for o in outs] == [3, 3]
+
+
+def test_the_kv_cache_goes_by_the_name_the_installed_transformers_takes(members64) -> None:
+    """No deprecation warning for ``past_key_values`` from the forwards (transformers 5.x renamed it
+    ``cache``; older releases still get ``past_key_values``)."""
+    import warnings
+
+    from langchain_packllm.members import cache_kwargs
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=False): ...
+
+    assert list(cache_kwargs(Old(), "c")) == ["past_key_values"]
+    engine = FusionEngine(members64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*", category=FutureWarning)
+        engine.generate(PROMPTS[:2], WeightingConfig("optimal"), SamplingConfig(max_new_tokens=3))
+        list(engine.stream(PROMPTS[0], sampling=SamplingConfig(max_new_tokens=3)))
+
+
+def test_no_module_outside_the_engine_reaches_into_it() -> None:
+    """The lab, the benchmarks and the examples use the engine's public seams only."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    private = re.compile(r"\bengine\.(_[a-z]\w*)|\.scorer\._|\.references\._")
+    offenders = []
+    for folder in ("langchain_packllm/lab", "benchmarks", "examples"):
+        for path in (root / folder).rglob("*.py"):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if private.search(line):
+                    offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert not offenders, offenders
