@@ -60,7 +60,14 @@ from langchain_packllm.decoding import (
     solve,
 )
 from langchain_packllm.members import Member
-from langchain_packllm.reference import Plan, Reference, ReferencePolicy, bits_per_byte
+from langchain_packllm.reference import (
+    Plan,
+    Reference,
+    ReferencePolicy,
+    bits_per_byte,
+    decode_ids,
+    encode_prompt,
+)
 from langchain_packllm.scoring import KEEP_BUFFER_BYTES, PrefillScores, Scorer
 
 __all__ = [
@@ -163,7 +170,9 @@ class FusionEngine:
     @property
     def vocab_size(self) -> int:
         """Width of the fused scores with member 0 as reference (the shared vocabulary's, when shared)."""
-        return self.reference(0).vocab_size
+        if self.alignment == "none":
+            return min(m.vocab_size for m in self.members)
+        return len(self.members[0].tokenizer)
 
     @property
     def max_length(self) -> int | None:
@@ -172,10 +181,10 @@ class FusionEngine:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` under member 0's reading (the pack's tokenizer when shared)."""
-        return self.reference(0).encode(text)
+        return encode_prompt(self.tokenizer, text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.reference(0).decode(ids)
+        return decode_ids(self.tokenizer, ids)
 
     # ------------------------------------------------------------------ plans (public seams)
 

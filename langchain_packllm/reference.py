@@ -69,14 +69,10 @@ class Reference:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt (with the tokenizer's special tokens, e.g. BOS, never twice)."""
-        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and ids[:2] == [bos, bos]:  # the text (e.g. a chat template) already had BOS
-            ids = ids[1:]
-        return ids
+        return encode_prompt(self.tokenizer, text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return decode_ids(self.tokenizer, ids)
 
     def start_token(self) -> int:
         """The token an empty prompt starts from: BOS, else EOS."""
@@ -101,6 +97,19 @@ class Reference:
             if token_map is not None:
                 approx |= token_map.approx.to(ids.device)[ids]
         return int(approx.sum())
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt with the tokenizer's special tokens (e.g. BOS), never BOS twice."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:2] == [bos, bos]:  # the text (e.g. a chat template) already had BOS
+        ids = ids[1:]
+    return ids
+
+
+def decode_ids(tokenizer: Any, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 @dataclass(frozen=True)
