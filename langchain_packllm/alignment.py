@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from langchain_packllm.paths import packllm_home
+
 logger = logging.getLogger(__name__)
 
 # Bump when the surface rules change: every cached map is then rebuilt (the version is in the cache key).
@@ -405,11 +407,7 @@ def default_cache_dir() -> Path:
     ``$PACKLLM_HOME/alignment``, else ``$XDG_CACHE_HOME/packllm/alignment``,
     else ``~/.cache/packllm/alignment``.
     """
-    if os.environ.get("PACKLLM_HOME"):
-        return Path(os.environ["PACKLLM_HOME"]).expanduser() / "alignment"
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "packllm" / "alignment"
-    return Path.home() / ".cache" / "packllm" / "alignment"
+    return packllm_home() / "alignment"
 
 
 def _cache_key(kind: str, version: int, src: TokenizerSurfaces, dst: TokenizerSurfaces) -> str:

@@ -1,9 +1,11 @@
 """Members of a pack: a causal LM, its tokenizer, a name, and where it runs.
 
-Loading goes through ``AutoModelForCausalLM`` / ``AutoTokenizer`` from a hub id or a local path, never with
-remote code unless the caller passes ``trust_remote_code=True``. Loaded members are kept in a process-level
-cache keyed by (id, dtype, device, kwargs), so building several LangChain objects over the same models (for
-instance through ``configurable_fields``) loads nothing twice.
+Loading goes through ``AutoModelForCausalLM`` / ``AutoTokenizer`` from a hub id, a local path, or a ``.gguf``
+file (converted once to safetensors under ``$PACKLLM_HOME/models``, see :mod:`langchain_packllm.gguf`), never
+with remote code unless the caller passes ``trust_remote_code=True``. Loaded members are kept in a
+process-level cache keyed by (id, dtype, device, kwargs), a GGUF file's id being its sha256, so building
+several LangChain objects over the same models (for instance through ``configurable_fields``) loads nothing
+twice.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +29,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from langchain_packllm.gguf import convert_gguf, gguf_sha256, is_gguf_path
+
 logger = logging.getLogger(__name__)
 
 _CACHE: dict[str, Member] = {}
@@ -34,7 +39,8 @@ _CACHE_LOCK = threading.Lock()
 
 @dataclass
 class Member:
-    """One model of the pack. ``name`` is what reports call it (the model id or path by default)."""
+    """One model of the pack. ``name`` is what reports call it (the model id or path by default; a GGUF
+    file's stem). ``extra`` says where a GGUF member came from (``gguf``, ``sha256``, ``converted``)."""
 
     name: str
     model: PreTrainedModel
@@ -92,7 +98,7 @@ def default_device() -> str:
 
 
 def load_member(
-    model_id: str,
+    model_id: str | os.PathLike[str],
     *,
     name: str | None = None,
     device: str | torch.device | None = None,
@@ -100,9 +106,10 @@ def load_member(
     model_kwargs: dict[str, Any] | None = None,
     tokenizer_kwargs: dict[str, Any] | None = None,
 ) -> Member:
-    """Load (or fetch from the process cache) one member from a hub id or a local directory.
+    """Load (or fetch from the process cache) one member from a hub id, a local directory or a ``.gguf`` file.
 
-    ``device`` is a torch device string; pass ``model_kwargs={"device_map": "auto"}`` to let accelerate
+    A ``.gguf`` file is converted once into ``$PACKLLM_HOME/models/<sha256>`` (needs the ``gguf`` package)
+    and loaded from there; its default name is the file's stem. ``device`` is a torch device string; pass ``model_kwargs={"device_map": "auto"}`` to let accelerate
     spread a large model over several devices instead. ``trust_remote_code`` stays False unless it is in
     ``model_kwargs`` / ``tokenizer_kwargs``.
     """
@@ -111,26 +118,40 @@ def load_member(
     dtype = _resolve_dtype(torch_dtype)
     uses_device_map = "device_map" in model_kwargs
     target = None if uses_device_map else torch.device(device or default_device())
+    model_id = os.fspath(model_id)
+    default_name, cache_id, extra = model_id, model_id, {}
+    gguf_file = is_gguf_path(model_id)
+    if gguf_file:
+        if not os.path.isfile(model_id):
+            raise FileNotFoundError(f"GGUF file {model_id!r} does not exist.")
+        digest = gguf_sha256(model_id)
+        default_name, cache_id = Path(model_id).stem, f"gguf:{digest}"
+        extra = {"gguf": os.path.abspath(model_id), "sha256": digest}
     key = json.dumps(
-        [model_id, str(dtype), str(target), model_kwargs, tokenizer_kwargs], sort_keys=True, default=str
+        [cache_id, str(dtype), str(target), model_kwargs, tokenizer_kwargs], sort_keys=True, default=str
     )
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
         if cached is not None:
-            return Member(name or model_id, cached.model, cached.tokenizer)
+            return Member(name or default_name, cached.model, cached.tokenizer, dict(cached.extra))
         model_kwargs.setdefault("trust_remote_code", False)
         tokenizer_kwargs.setdefault("trust_remote_code", False)
         if dtype is not None:
             model_kwargs.setdefault("dtype", dtype)
+        source = model_id
+        if gguf_file:
+            conversion = convert_gguf(model_id, sha256=extra["sha256"])
+            source = str(conversion.path)
+            extra["converted"] = source
         looks_local = os.path.sep in model_id or model_id.startswith(".") or os.path.exists(model_id)
-        if looks_local and not os.path.isdir(model_id):
+        if looks_local and not os.path.isdir(source):
             raise FileNotFoundError(
-                f"Model path {model_id!r} does not exist; pass a directory saved with save_pretrained "
-                "or a hub id such as 'gpt2'."
+                f"Model path {model_id!r} does not exist; pass a directory saved with save_pretrained, "
+                "a .gguf file, or a hub id such as 'gpt2'."
             )
         try:
-            tokenizer = _as_saved(model_id, AutoTokenizer.from_pretrained(model_id, **tokenizer_kwargs))
-            model = AutoModelForCausalLM.from_pretrained(model_id, **model_kwargs)
+            tokenizer = _as_saved(source, AutoTokenizer.from_pretrained(source, **tokenizer_kwargs))
+            model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
         except OSError as err:
             raise OSError(
                 f"Could not load member {model_id!r}: {err}. Check the path or hub id, and the network "
@@ -139,10 +160,10 @@ def load_member(
         if target is not None:
             model = model.to(target)
         model.eval()
-        member = Member(model_id, model, tokenizer)
+        member = Member(default_name, model, tokenizer, extra)
         _CACHE[key] = member
         logger.info("Loaded member %s on %s", model_id, member.device)
-        return Member(name or model_id, model, tokenizer)
+        return Member(name or default_name, model, tokenizer, dict(extra))
 
 
 _PROBE = "Tokenize this:  two spaces,\ttab\nnew line, café 東京 12345 def f(x): return x**2"

@@ -157,3 +157,91 @@ def make_tiny_pack(
         tokenizer.save_pretrained(path)
         paths.append(str(path))
     return paths
+
+
+def make_tiny_gguf(
+    path: str | Path,
+    arch: str = "llama",
+    vocab_size: int = 320,
+    hidden: int = 32,
+    layers: int = 1,
+    seed: int = 0,
+    quantized: bool = True,
+) -> str:
+    """Write a tiny random llama-layout GGUF file (byte-level BPE tokenizer, ``<|endoftext|>`` and
+    ``<|im_end|>`` as control tokens, a chat template; matrices stored as Q8_0 blocks when ``quantized``) with the ``gguf`` package.
+
+    ``arch`` is the ``general.architecture`` written: pass one transformers cannot read from GGUF to test
+    that error. Returns the path.
+    """
+    import gguf
+    import numpy as np
+
+    tok = train_bytelevel_tokenizer(stdlib_text(60_000), vocab_size)
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab] + ["<|endoftext|>", "<|im_end|>"]
+    specials = set(SPECIALS.values()) | {"<|endoftext|>", "<|im_end|>"}
+    types = [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    ids = {t: i for i, t in enumerate(tokens)}
+    n_vocab, heads, kv_heads, ffn = len(tokens), 2, 1, 2 * hidden
+    head_dim = hidden // heads
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny-gguf")
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantized else gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(ids[SPECIALS["bos_token"]])
+    w.add_eos_token_id(ids[SPECIALS["eos_token"]])
+    w.add_pad_token_id(ids[SPECIALS["pad_token"]])
+    w.add_unk_token_id(ids[SPECIALS["unk_token"]])
+    w.add_add_bos_token(False)
+    w.add_chat_template(
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    rng = np.random.default_rng(seed)
+
+    def add(name: str, *shape: int, matrix: bool = True) -> None:
+        value = (rng.standard_normal(shape) * (0.5 if matrix else 0.1) + (0 if matrix else 1)).astype(
+            np.float32
+        )
+        if matrix and quantized:
+            q = gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, value)
+
+    add("token_embd.weight", n_vocab, hidden)
+    for i in range(layers):
+        add(f"blk.{i}.attn_norm.weight", hidden, matrix=False)
+        add(f"blk.{i}.attn_q.weight", hidden, hidden)
+        add(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden)
+        add(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden)
+        add(f"blk.{i}.attn_output.weight", hidden, hidden)
+        add(f"blk.{i}.ffn_norm.weight", hidden, matrix=False)
+        add(f"blk.{i}.ffn_gate.weight", ffn, hidden)
+        add(f"blk.{i}.ffn_up.weight", ffn, hidden)
+        add(f"blk.{i}.ffn_down.weight", hidden, ffn)
+    add("output_norm.weight", hidden, matrix=False)
+    add("output.weight", n_vocab, hidden)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)

@@ -9,6 +9,9 @@ Example:
     >>> manifest = build_pack("tiny", domains=["pycode"], corpora={"notes": "notes/*.txt"})  # doctest: +SKIP
     >>> [e.name for e in manifest.experts]  # doctest: +SKIP
     ['pycode', 'notes']
+
+The real pack (:mod:`~langchain_packllm.lab.pack.real`): three pretrained GGUF models from PyPI packages,
+converted once; ``PackLLM.from_model_ids(real_pack_paths(), names=REAL_NAMES)`` or ``load_real_pack()``.
 """
 
 from langchain_packllm.lab.pack.builder import (
@@ -22,6 +25,7 @@ from langchain_packllm.lab.pack.builder import (
 )
 from langchain_packllm.lab.pack.corpora import BUILTIN_DOMAINS, DEFAULT_DOMAINS, CorpusUnavailableError
 from langchain_packllm.lab.pack.manifest import DomainInfo, ExpertInfo, PackManifest
+from langchain_packllm.lab.pack.real import REAL_NAMES, build_real_pack, load_real_pack, real_pack_paths
 
 __all__ = [
     "BUILTIN_DOMAINS",
@@ -31,10 +35,14 @@ __all__ = [
     "DomainInfo",
     "ExpertInfo",
     "PackManifest",
+    "REAL_NAMES",
     "build_pack",
+    "build_real_pack",
     "default_pack_dir",
     "load_pack",
+    "load_real_pack",
     "packllm_home",
+    "real_pack_paths",
     "summary_table",
     "verify_pack",
 ]

