@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import time
 import zipfile
 from pathlib import Path
 
@@ -211,9 +210,8 @@ def test_the_real_pack_converts_once_and_loads(real_pack_home, capsys) -> None:
     for member, path in zip(REAL_MEMBERS, paths):
         assert path == str(Path(real_pack_home) / "models" / member.sha256)
         assert gguf_mod.verify_converted(path, member.sha256) is None
-    t0 = time.monotonic()
     results = build_real_pack(real_pack_home, progress=False)
-    assert [r.action for r in results] == ["reused"] * 3 and time.monotonic() - t0 < 5
+    assert [r.action for r in results] == ["reused"] * 3  # nothing converted again (no timing asserted)
     assert [r.path for r in results] == paths
 
     from transformers import AutoTokenizer, GenerationConfig
