@@ -47,7 +47,6 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -475,57 +474,203 @@ def _load_checked(path: Path, key: str, expected: dict[str, tuple[tuple[int, ...
 # --------------------------------------------------------------------------------------------------------
 
 _PREFIX_CAP = 32  # tie-break compares at most this many leading chars
-_CDIST_BUDGET = 30_000_000  # distance-matrix cells per chunk (int16: 60 MB)
+_CDIST_BUDGET = 8_000_000  # distance-matrix cells per rapidfuzz call (uint8: 8 MB)
+_MANY_TIES = 64  # rows with more minimum-distance choices than this get their prefixes from rapidfuzz
+
+# Character classes for a lower bound on edit distance: a char whose class does not occur in the other
+# string must be substituted or deleted. ASCII splits into lower/upper letters, digits, space, the rest;
+# other code points go by Unicode block (Latin extensions, Greek, Cyrillic, ..., CJK, Hangul, astral).
+_BLOCK_STARTS = (0x80, 0x250, 0x370, 0x400, 0x530, 0x600, 0x700, 0x900, 0xE00, 0xE80, 0x1100, 0x1200,
+                 0x2000, 0x3000, 0x3100, 0x4E00, 0xA000, 0xAC00, 0xD800, 0x10000)  # fmt: skip
+_N_CLASSES = len(_BLOCK_STARTS) + 5
 
 
-def _leading_codes(texts: Sequence[str], pad: int) -> np.ndarray:
-    """(N, _PREFIX_CAP) int32 code points of each text's first chars, padded with ``pad``."""
-    codes = np.full((len(texts), _PREFIX_CAP), pad, dtype=np.int32)
-    for row, text in enumerate(texts):
-        head = [ord(ch) for ch in text[:_PREFIX_CAP]]
-        codes[row, : len(head)] = head
-    return codes
+def _char_class(ch: str) -> int:
+    code = ord(ch)
+    if code < 0x80:
+        if ch.isalpha():
+            return 1 if ch.isupper() else 2
+        return 3 if ch.isdigit() else 4 if ch == " " else 0
+    return 4 + bisect.bisect_right(_BLOCK_STARTS, code)
 
 
-def _nearest_by_edit_distance(queries: list[str], choices: list[str], progress_desc: str) -> np.ndarray:
+@dataclass
+class _Texts:
+    """Per-string arrays the search needs: lengths, leading code points, class counts and masks."""
+
+    texts: list[str]
+    lengths: np.ndarray  # (N,) int64
+    codes: np.ndarray  # (N, _PREFIX_CAP) int32 leading code points, padded with ``pad``
+    counts: np.ndarray  # (N, _N_CLASSES) int32 chars per class
+    masks: np.ndarray  # (N,) int64 bitmask of the classes present
+
+    @classmethod
+    def of(cls, texts: list[str], pad: int) -> _Texts:
+        classes: dict[str, int] = {}
+        counts = np.zeros((len(texts), _N_CLASSES), dtype=np.int32)
+        codes = np.full((len(texts), _PREFIX_CAP), pad, dtype=np.int32)
+        for row, text in enumerate(texts):
+            for ch in text:
+                k = classes.get(ch)
+                if k is None:
+                    k = classes[ch] = _char_class(ch)
+                counts[row, k] += 1
+            head = [ord(ch) for ch in text[:_PREFIX_CAP]]
+            codes[row, : len(head)] = head
+        bits = (counts > 0).astype(np.int64) << np.arange(_N_CLASSES, dtype=np.int64)
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        return cls(texts, lengths, codes, counts, bits.sum(axis=1))
+
+
+class _NearestSearch:
+    """Exact nearest choice of every query by Levenshtein distance, with MinED's tie-breaks (longest common
+    prefix over the first 32 chars, then the lowest choice index), without computing most distances.
+
+    Choices are split into blocks of one length and one set of character classes. A query of length L
+    scans the blocks of length L first, then L-1 and L+1, and so on, and stops once the length gap exceeds
+    its best distance so far; a block is skipped for a query when a lower bound (the length gap; the
+    query's chars in classes the block lacks; the block's classes the query lacks) exceeds that best.
+    Every choice at a distance not above the final best is scanned, so the result is the exhaustive one.
+    Distances come from rapidfuzz's C++ ``cdist``; query lengths are searched on ``threads`` threads.
+    """
+
+    def __init__(self, queries: list[str], choices: list[str]):
+        from rapidfuzz import process
+        from rapidfuzz.distance import Levenshtein, Prefix
+
+        self._cdist, self._distance, self._prefix = process.cdist, Levenshtein.distance, Prefix.similarity
+        self.q = _Texts.of(queries, pad=-1)  # -1 and -2 never match: padding ends a common prefix
+        self.c = _Texts.of(choices, pad=-2)
+        order = np.lexsort((np.arange(len(choices)), self.c.masks, self.c.lengths))  # ascending index last
+        keys = np.stack([self.c.lengths[order], self.c.masks[order]], axis=1)
+        cuts = np.r_[0, np.nonzero((keys[1:] != keys[:-1]).any(axis=1))[0] + 1, len(order)]
+        self.blocks: dict[int, list[tuple[int, np.ndarray, list[str]]]] = {}
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+            idx = order[lo:hi]  # one block, ascending choice index
+            block = (int(self.c.masks[idx[0]]), idx, [choices[i] for i in idx])
+            self.blocks.setdefault(int(self.c.lengths[idx[0]]), []).append(block)
+        self.max_length = int(self.c.lengths.max())
+        n = len(queries)
+        self.best = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)  # distance
+        self.prefix = np.full(n, -1, dtype=np.int64)
+        self.choice = np.full(n, -1, dtype=np.int64)
+
+    def run(self, threads: int, progress_desc: str) -> np.ndarray:
+        lengths, sizes = np.unique(self.q.lengths, return_counts=True)
+        order = [int(L) for L in lengths[np.argsort(-sizes, kind="stable")]]  # largest groups first
+        with tqdm(total=len(self.q.texts), desc=progress_desc, unit="tok", delay=2.0, leave=False) as bar:
+
+            def search(length: int) -> None:
+                self._search_length(length)
+                bar.update(int((self.q.lengths == length).sum()))
+
+            if threads > 1 and len(order) > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(threads, thread_name_prefix="mined") as pool:
+                    list(pool.map(search, order))
+            else:
+                for length in order:
+                    search(length)
+        return self.choice
+
+    def _search_length(self, length: int) -> None:
+        group = np.nonzero(self.q.lengths == length)[0]
+        gap = 0
+        while length - gap >= 0 or length + gap <= self.max_length:
+            active = group[self.best[group] >= gap]
+            if not len(active):
+                return
+            for size in sorted({length - gap, length + gap}):
+                for mask, idx, strs in self.blocks.get(size, ()):
+                    missing = ((mask >> np.arange(_N_CLASSES)) & 1) == 0  # (C,) classes the block lacks
+                    counts = self.q.counts[active]
+                    lacking = counts[:, missing].sum(axis=1)  # query chars in classes the block lacks
+                    extra = (counts[:, ~missing] == 0).sum(axis=1)  # block classes the query lacks
+                    bound = np.maximum(np.maximum(lacking, extra), gap)
+                    rows = active[bound <= self.best[active]]
+                    if len(rows):
+                        self._scan(rows, idx, strs)
+            gap += 1
+
+    def _scan(self, rows: np.ndarray, idx: np.ndarray, strs: list[str]) -> None:
+        step = max(1, _CDIST_BUDGET // len(idx))
+        for start in range(0, len(rows), step):
+            r = rows[start : start + step]
+            cutoff = int(min(self.best[r].max(), 254))
+            queries = [self.q.texts[i] for i in r]
+            dist = self._cdist(queries, strs, scorer=self._distance, workers=1, dtype=np.uint8,
+                               score_cutoff=cutoff)  # fmt: skip  # (r, block); above cutoff -> cutoff + 1
+            low = dist.min(axis=1)
+            useful = low.astype(np.int64) <= self.best[r]
+            if not useful.all():
+                r, dist, low = r[useful], dist[useful], low[useful]
+                queries = [q for q, u in zip(queries, useful, strict=True) if u]
+                if not len(r):
+                    continue
+            col = idx[dist.argmin(axis=1)]  # the lowest-index choice at the minimum
+            prefix = np.zeros(len(r), dtype=np.int64)
+            tie = dist == low[:, None]
+            many = tie.sum(axis=1) > _MANY_TIES
+            if many.any():  # prefixes of the whole row from rapidfuzz, the best tie by argmin
+                sub = [q for q, m in zip(queries, many, strict=True) if m]
+                shared = self._cdist(sub, strs, scorer=self._prefix, workers=1, dtype=np.uint8)
+                np.minimum(shared, _PREFIX_CAP, out=shared)
+                rank = np.where(tie[many], _PREFIX_CAP - shared, 255).astype(np.uint8)
+                best_col = rank.argmin(axis=1)
+                col[many] = idx[best_col]
+                prefix[many] = shared[np.arange(len(best_col)), best_col]
+                tie[many] = False
+            self._longest_prefix(r, *np.nonzero(tie), idx, col, prefix)
+            low = low.astype(np.int64)
+            d, p, c = self.best[r], self.prefix[r], self.choice[r]
+            better = (low < d) | ((low == d) & ((prefix > p) | ((prefix == p) & (col < c))))
+            won = r[better]
+            self.best[won], self.prefix[won], self.choice[won] = low[better], prefix[better], col[better]
+
+    def _longest_prefix(self, r, rows, cols, idx, col, prefix) -> None:
+        """For tie pairs ``(rows, cols)`` (row-major, so ascending index within a row): per row, the tie
+        with the longest common prefix (lowest index first), written into ``col``/``prefix`` when >= 1."""
+        qq, cc = r[rows], idx[cols]
+        same = self.q.codes[qq, 0] == self.c.codes[cc, 0]
+        rows, qq, cc = rows[same], qq[same], cc[same]
+        depth = 1
+        while len(rows):
+            if depth < _PREFIX_CAP:
+                ok = self.q.codes[qq, depth] == self.c.codes[cc, depth]
+            else:
+                ok = np.zeros(len(rows), dtype=bool)
+            goes_on = np.zeros(len(r), dtype=bool)
+            goes_on[rows[ok]] = True
+            ends = ~goes_on[rows]  # every tie of this row stops matching here: its prefix is ``depth``
+            if ends.any():
+                er, ec = rows[ends], cc[ends]
+                first = np.ones(len(er), dtype=bool)
+                first[1:] = er[1:] != er[:-1]
+                col[er[first]], prefix[er[first]] = ec[first], depth
+            keep = ok & ~ends
+            rows, qq, cc = rows[keep], qq[keep], cc[keep]
+            depth += 1
+
+
+def _nearest_by_edit_distance(
+    queries: list[str], choices: list[str], progress_desc: str, threads: int | None = None
+) -> np.ndarray:
     """(Q,) index into ``choices`` of each query's nearest choice by Levenshtein distance.
 
-    Ties: longest common prefix (first 32 chars), then the lowest index. The distance matrix is computed
-    in row chunks by rapidfuzz's C++ ``cdist`` on all cores.
+    Ties: longest common prefix (first 32 chars), then the lowest index. Exact: equal to comparing every
+    query with every choice (see :class:`_NearestSearch` for how most pairs are skipped).
     """
     try:
-        from rapidfuzz import process
-        from rapidfuzz.distance import Levenshtein
+        import rapidfuzz  # noqa: F401
     except ImportError as exc:
         raise ImportError(
             "Building a MinED map needs rapidfuzz: pip install 'langchain-packllm[align]'."
         ) from exc
-
-    query_codes = _leading_codes(queries, pad=-1)  # (Q, P); -1 and -2 never match, so padding ends a prefix
-    choice_codes = _leading_codes(choices, pad=-2)  # (C, P)
-    rows_per_chunk = max(16, _CDIST_BUDGET // max(len(choices), 1))
-    nearest = np.empty(len(queries), dtype=np.int64)
-    with tqdm(total=len(queries), desc=progress_desc, unit="tok", delay=2.0, leave=False) as bar:
-        for start in range(0, len(queries), rows_per_chunk):
-            stop = min(start + rows_per_chunk, len(queries))
-            dist = process.cdist(
-                queries[start:stop],
-                choices,
-                scorer=Levenshtein.distance,
-                workers=-1,
-                dtype=np.int16,
-                score_cutoff=32_000,
-            )  # (q, C)
-            rows, cols = np.nonzero(dist == dist.min(axis=1, keepdims=True))  # all minimum-distance pairs
-            same = query_codes[start + rows] == choice_codes[cols]  # (pairs, P)
-            prefix = np.cumprod(same, axis=1).sum(axis=1)  # (pairs,) common prefix length
-            order = np.lexsort((cols, -prefix, rows))  # per row: longest prefix first, then lowest index
-            rows, cols = rows[order], cols[order]
-            first = np.ones(len(rows), dtype=bool)
-            first[1:] = rows[1:] != rows[:-1]
-            nearest[start + rows[first]] = cols[first]
-            bar.update(stop - start)
-    return nearest
+    if not queries:
+        return np.empty(0, dtype=np.int64)
+    threads = threads or min(os.cpu_count() or 1, 8)
+    return _NearestSearch(queries, choices).run(threads, progress_desc)
 
 
 @dataclass

@@ -210,9 +210,11 @@ class FusionEngine:
             raise TypeError("plan() takes a list of prompts; wrap a single prompt in a list.")
         return self.references.plan(prompts, reserve, self.max_length, reference)
 
-    def prepare_alignment(self) -> None:
-        """Build (or load from the disk cache) every token map now rather than on first use."""
-        self.references.prepare()
+    def prepare_alignment(self, progress: bool = True) -> None:
+        """Build (or load from the disk cache) every token map now rather than on first use: with MinED,
+        one map per ordered pair of members (about a minute cold for three real vocabularies on 2 cores,
+        milliseconds from the cache); nothing when every member shares one vocabulary."""
+        self.references.prepare(progress=progress)
 
     def score(
         self, batch: Sequence[Sequence[int]], reference: Reference | None = None, *, use_cache: bool = False

@@ -152,7 +152,8 @@ class ReferencePolicy:
             self.alignment = "mined" if alignment == "auto" and mismatch else "none"
         self._eos = [frozenset(m.eos_token_ids) for m in self.members]
         self._references: dict[int, Reference] = {}
-        self._lock = threading.Lock()  # guards the caches while a map is built
+        self._surfaces: dict[int, Any] = {}  # member index -> its TokenizerSurfaces (immutable)
+        self._lock = threading.RLock()  # guards the caches while a map is built
 
     # ------------------------------------------------------------------ references
 
@@ -187,7 +188,7 @@ class ReferencePolicy:
 
             for k, other in enumerate(self.members):
                 if k != index:
-                    mined = MinEDMap.from_tokenizers(member.tokenizer, other.tokenizer)
+                    mined = MinEDMap.from_tokenizers(self.surfaces(index), self.surfaces(k))
                     approx = ~torch.as_tensor(mined.exact).to(self.mix_device)
                     maps[k] = TokenMap(mined.ids_on(other.device), approx)
         else:
@@ -197,10 +198,33 @@ class ReferencePolicy:
         return Reference(index, member.name, member.tokenizer, vocab, self._eos[index], self.alignment,
                          tuple(maps), aligners, byte_ids)  # fmt: skip
 
-    def prepare(self) -> None:
-        """Build (or load from the disk cache) what every possible reference needs, now."""
-        for index in range(len(self.members) if self.alignment != "none" else 1):
-            self.reference(index)
+    def surfaces(self, index: int):
+        """Member ``index``'s :class:`~langchain_packllm.alignment.TokenizerSurfaces`, computed once and
+        shared by every map that reads or writes its vocabulary."""
+        found = self._surfaces.get(index)
+        if found is None:
+            from langchain_packllm.alignment import tokenizer_surfaces
+
+            with self._lock:
+                found = self._surfaces.get(index) or tokenizer_surfaces(self.members[index].tokenizer)
+                self._surfaces[index] = found
+        return found
+
+    def prepare(self, progress: bool = True) -> None:
+        """Build (or load from the disk cache) what every possible reference needs, now: with MinED, the
+        ``K * (K - 1)`` directed maps (each build searches on all cores); nothing for a shared vocabulary."""
+        indices = range(len(self.members) if self.alignment != "none" else 1)
+        if self.alignment == "none":
+            self.reference(0)
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(
+            indices, desc=f"{self.alignment} alignment", unit="ref", disable=not progress, delay=1.0
+        ) as bar:
+            for index in bar:
+                bar.set_postfix_str(self.members[index].name)
+                self.reference(index)
 
     # ------------------------------------------------------------------ the choice
 

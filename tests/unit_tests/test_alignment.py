@@ -408,3 +408,66 @@ def test_prefix_map_in_log_space_survives_tiny_logprobs() -> None:
 def test_module_docstring_examples_run() -> None:
     result = doctest.testmod(alignment, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 15 and result.failed == 0
+
+
+# ------------------------------------------------------------------------- the fast nearest-token search
+
+
+def naive_nearest(queries: list[str], choices: list[str]) -> list[int]:
+    """MinED's rule written plainly: every query against every choice; minimum Levenshtein distance, then
+    the longest common prefix over the first 32 chars, then the lowest index."""
+    from rapidfuzz.distance import Levenshtein
+
+    def shared_prefix(a: str, b: str) -> int:
+        n = 0
+        for x, y in zip(a[:32], b[:32], strict=False):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    out = []
+    for q in queries:
+        keys = [(Levenshtein.distance(q, c), -shared_prefix(q, c), j) for j, c in enumerate(choices)]
+        out.append(min(keys)[2])
+    return out
+
+
+def random_words(rng: np.random.Generator, n: int, alphabet: str, max_len: int) -> list[str]:
+    words = {"".join(rng.choice(list(alphabet), size=rng.integers(1, max_len + 1))) for _ in range(n)}
+    return sorted(words, key=lambda w: rng.random())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_search_equals_exhaustive_on_random_vocabularies(seed: int, threads: int) -> None:
+    rng = np.random.default_rng(seed)
+    # few letters and short words: many equal distances, so every tie-break is exercised
+    alphabet = ["ab ", "abcde ", "aé東Ж1 ", "xyz\n\t"][seed]
+    choices = random_words(rng, 400, alphabet, 7)
+    queries = [w for w in random_words(rng, 300, alphabet + "Q", 9) if w not in set(choices)]
+    got = alignment._nearest_by_edit_distance(queries, choices, "test", threads=threads)
+    assert got.tolist() == naive_nearest(queries, choices)
+
+
+def test_fast_search_handles_many_ties_and_long_prefixes() -> None:
+    # 100 choices at the same distance from every query (more than the per-row tie limit), and prefixes
+    # longer than the 32 chars the tie-break looks at
+    choices = [f"z{i:03d}" for i in range(100)] + ["a" * 40 + "b", "a" * 40 + "c", "a" * 35]
+    queries = ["q", "qq", "qqqq", "a" * 40 + "d", "a" * 33, "z1", "z10"]
+    got = alignment._nearest_by_edit_distance(queries, choices, "test", threads=2)
+    assert got.tolist() == naive_nearest(queries, choices)
+
+
+def test_fast_mined_map_equals_exhaustive_on_trained_tokenizers(trained_byte_level, trained_metaspace):
+    for src, dst in [(trained_byte_level, trained_metaspace), (trained_metaspace, trained_byte_level)]:
+        s, d = tokenizer_surfaces(src), tokenizer_surfaces(dst)
+        ids, exact = alignment._build_mined(s, d)
+        targets = alignment._canonical_targets(d)
+        choice_ids = sorted(targets.values())
+        choices = [d.surfaces[i].decode("utf-8", "surrogateescape") for i in choice_ids]
+        approximate = [i for i, b in enumerate(s.surfaces) if b is not None and b not in targets]
+        assert len(approximate) > 20  # the two vocabularies differ enough for the search to matter
+        queries = [s.surfaces[i].decode("utf-8", "surrogateescape") for i in approximate]
+        assert ids[approximate].tolist() == [choice_ids[j] for j in naive_nearest(queries, choices)]
+        assert not exact[approximate].any()
