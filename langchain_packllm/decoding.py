@@ -220,6 +220,7 @@ class CachedSteps:
     def __init__(self, scorer: Scorer, plan: Plan, prefill, mixer: Mixer):
         self.scorer, self.reference, self.mixer = scorer, plan.reference, mixer
         self.caches = prefill.caches
+        self.views = prefill.views
         self.input_ids = prefill.input_ids  # (B, L)
         self.mask = prefill.attention_mask if prefill.padded else None
         self.positions = prefill.attention_mask.sum(-1, keepdim=True) if prefill.padded else None  # (B, 1)
@@ -231,7 +232,7 @@ class CachedSteps:
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.ones], dim=1)
         self.scores = self.scorer.step(
-            self.reference, ids, self.mask, self.positions, self.caches, self.mixer.active
+            self.reference, ids, self.mask, self.positions, self.caches, self.mixer.active, self.views
         )
         if self.positions is not None:
             self.positions = self.positions + 1

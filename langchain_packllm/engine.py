@@ -249,8 +249,10 @@ class FusionEngine:
         rows_w, reports = [], []
         for b, ids in enumerate(plan.ids):
             first = L - len(ids)
-            prompt_scores = pre.scores[:, b, first : L - 1]  # (K, n-1, V), a view
-            targets = pre.input_ids[b, first + 1 :]  # (n-1,)
+            # the span every member predicts: not the first text token when some member reads no BOS
+            start = first + 1 if ref.hides_start(ids) else first
+            prompt_scores = pre.scores[:, b, start : L - 1]  # (K, n-1, V), a view
+            targets = pre.input_ids[b, start + 1 :]  # (n-1,)
             solution = solve(prompt_scores, targets, config, plan.fallbacks[b])
             reports.append(
                 make_report(
@@ -477,7 +479,8 @@ class FusionEngine:
         lp = pre.scores[:, 0]  # (K, L, V) raw logits: the fused log-softmax below normalises
         ids = pre.input_ids[0]
         fallback = None if context else "empty context: uniform weights"
-        solution = solve(lp[:, : n_ctx - 1], ids[1:n_ctx], weighting, fallback)
+        start = 1 if ref.hides_start(whole) else 0  # the span every member predicts (see _prefill)
+        solution = solve(lp[:, start : n_ctx - 1], ids[start + 1 : n_ctx], weighting, fallback)
         report = make_report(
             solution, self.names, weighting, prompt_tokens=n_ctx, reference=ref,
             approx_tokens=ref.approx_count(ids[:n_ctx]), bits_per_byte=bpb,

@@ -36,10 +36,18 @@ ALIGNMENTS = ("auto", "mined", "prefix", "none")
 @dataclass(frozen=True)
 class TokenMap:
     """A member's view of the reference vocabulary: ``ids[r]`` is its token for reference token r (MinED);
-    ``approx[r]`` says the match was not exact."""
+    ``approx[r]`` says the match was not exact.
+
+    Each member reads a prompt with its own beginning-of-text convention, whatever the reference's:
+    ``lead`` is the member's BOS id, put before the prompt when the member's tokenizer adds one and the
+    reference's adds none; ``hide`` is the reference's BOS id, which a member whose tokenizer adds no BOS
+    never reads (it is masked out of that member's forward, and the member has no prediction for the
+    first text token). When both add one, ``ids`` maps the reference's BOS to the member's."""
 
     ids: torch.Tensor  # (V_ref,) long, on the member's device
     approx: torch.Tensor  # (V_ref,) bool, on the mix device
+    lead: int | None = None  # member id prepended to every prompt
+    hide: int | None = None  # reference id masked out at the start of a prompt
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,22 @@ class Reference:
         pad = self.tokenizer.pad_token_id
         return self.start_token() if pad is None else int(pad)
 
+    @property
+    def leads(self) -> bool:
+        """Whether some member reads one more token than the reference (its own BOS before the prompt)."""
+        return any(m is not None and m.lead is not None for m in self.token_maps)
+
+    @property
+    def hides(self) -> bool:
+        """Whether some member does not read the reference's BOS (and so cannot predict the first token)."""
+        return any(m is not None and m.hide is not None for m in self.token_maps)
+
+    def hides_start(self, ids: Sequence[int]) -> bool:
+        """Whether a prompt's first id is a BOS that some member does not read (prompts of 2+ tokens)."""
+        return len(ids) >= 2 and any(
+            m is not None and m.hide is not None and ids[0] == m.hide for m in self.token_maps
+        )
+
     def approx_count(self, ids: torch.Tensor) -> int:
         """How many of these reference ids some member reads through an inexact (MinED) map."""
         approx = torch.zeros_like(ids, dtype=torch.bool)
@@ -97,6 +121,18 @@ class Reference:
             if token_map is not None:
                 approx |= token_map.approx.to(ids.device)[ids]
         return int(approx.sum())
+
+
+def added_bos(tokenizer: Any) -> int | None:
+    """The id a tokenizer puts before every text it encodes (Gemma's and Llama's ``<bos>``), or None when it
+    adds none (GPT-2, SmolLM2, Qwen: their ``bos_token`` is a role, not a prefix)."""
+    probe = "a"
+    with_specials = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and with_specials[:1] == [bos] and plain[:1] != [bos]:
+        return int(bos)
+    return None
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
@@ -186,11 +222,18 @@ class ReferencePolicy:
         if self.alignment == "mined":
             from langchain_packllm.alignment import MinEDMap
 
+            ref_bos = added_bos(member.tokenizer)
             for k, other in enumerate(self.members):
                 if k != index:
                     mined = MinEDMap.from_tokenizers(self.surfaces(index), self.surfaces(k))
                     approx = ~torch.as_tensor(mined.exact).to(self.mix_device)
-                    maps[k] = TokenMap(mined.ids_on(other.device), approx)
+                    ids, own_bos = mined.ids_on(other.device), added_bos(other.tokenizer)
+                    if ref_bos is not None and own_bos is not None and int(ids[ref_bos]) != own_bos:
+                        ids = ids.clone()
+                        ids[ref_bos] = own_bos
+                    lead = own_bos if ref_bos is None else None
+                    hide = ref_bos if own_bos is None else None
+                    maps[k] = TokenMap(ids, approx, lead=lead, hide=hide)
         else:
             from langchain_packllm.bytealign import PrefixAligner
 
@@ -259,7 +302,8 @@ class ReferencePolicy:
         out = []
         for indices, rows in groups.values():
             ref = rows[0][2]
-            fitted = [fit(ref, ref.encode(p), reserve, max_length) for p, _, _ in rows]
+            limit = max_length - 1 if max_length is not None and ref.leads else max_length
+            fitted = [fit(ref, ref.encode(p), reserve, limit) for p, _, _ in rows]
             plan = Plan(
                 reference=ref,
                 prompts=tuple(p for p, _, _ in rows),

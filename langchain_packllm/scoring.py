@@ -43,6 +43,38 @@ class PrefillScores:
     padded: bool  # whether some row is padded (then forwards take the mask and position ids)
     caches: list[DynamicCache | None]
     last: torch.Tensor
+    views: list[StartView | None] | None = None  # per member: how its start differs from the reference's
+
+
+@dataclass(frozen=True)
+class StartView:
+    """How member k's input starts differently from the reference ids (see ``TokenMap.lead``/``hide``).
+
+    ``lead``: the member reads its own BOS before every row (its cache holds one more position). ``hidden``
+    ``(B,)`` bool: rows whose first reference id (a BOS) the member does not read; ``first`` ``(B,)``: the
+    column of each row's first id in the left-padded batch."""
+
+    lead: int | None
+    hidden: torch.Tensor | None
+    first: torch.Tensor
+
+    def mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The member's attention mask from the reference's ``(B, L')`` one (prompt columns first)."""
+        if self.hidden is not None:
+            mask = mask.clone()
+            rows = self.hidden.nonzero()[:, 0]
+            mask[rows, self.first[rows]] = 0
+        if self.lead is not None:
+            mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        return mask
+
+    def positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """The member's position ids from the reference's (one column per decode step)."""
+        if self.hidden is not None:
+            positions = positions - self.hidden.to(positions)[:, None]
+        if self.lead is not None:
+            positions = positions + 1
+        return positions
 
 
 @dataclass(frozen=True)
@@ -120,18 +152,30 @@ class Scorer:
 
     @torch.inference_mode()
     def logits(
-        self, ref: Reference, k: int, input_ids, attention_mask, position_ids, cache, *, hidden: bool = False
+        self,
+        ref: Reference,
+        k: int,
+        input_ids,
+        attention_mask,
+        position_ids,
+        cache,
+        *,
+        hidden: bool = False,
+        lead: int | None = None,
     ) -> torch.Tensor:
         """Member k's forward on reference token ids: its logits over the reference vocabulary ``(B, L, V)``,
         on its own device and in its own dtype. A member of another vocabulary reads and writes through its
         MinED token map. ``hidden=True`` runs the base model only and returns its last hidden state
-        ``(B, L, H)`` (see :meth:`linear_head`)."""
+        ``(B, L, H)`` (see :meth:`linear_head`). ``lead``: a member token id put before every row (after
+        the map), whose output column is returned too."""
         member = self.members[k]
         dev = self.devices[k]
         input_ids = input_ids.to(dev)
         token_map = ref.token_maps[k]
         if token_map is not None:
             input_ids = token_map.ids[input_ids]  # reference ids -> member ids
+        if lead is not None:
+            input_ids = torch.cat([torch.full_like(input_ids[:, :1], lead), input_ids], dim=1)
         head = self.linear_head(k) if hidden else None
         module = head.base if hidden else member.model
         with self._member_locks[k]:
@@ -189,14 +233,25 @@ class Scorer:
         return out
 
     def step(
-        self, ref: Reference, next_ids, mask, positions, caches, active: Sequence[int]
+        self,
+        ref: Reference,
+        next_ids,
+        mask,
+        positions,
+        caches,
+        active: Sequence[int],
+        views: Sequence[StartView | None] | None = None,
     ) -> list[torch.Tensor | None]:
         """One cached decode step of the ``active`` members: their raw next-token logits ``(B, V)`` on their
         own devices (``None`` for the others, whose weight is 0 in every row: their forward is skipped, and
-        their cache, never read again, falls behind)."""
+        their cache, never read again, falls behind). ``views``: the prefill's :class:`StartView` per
+        member (a member that read its own BOS or skipped the reference's gets its own mask and positions)."""
 
         def one(k: int) -> torch.Tensor:
-            return self.logits(ref, k, next_ids, mask, positions, caches[k])[:, -1]
+            view = views[k] if views is not None else None
+            if view is None or mask is None:
+                return self.logits(ref, k, next_ids, mask, positions, caches[k])[:, -1]
+            return self.logits(ref, k, next_ids, view.mask(mask), view.positions(positions), caches[k])[:, -1]
 
         return self.run_members(one, active)
 
@@ -226,14 +281,54 @@ class Scorer:
         scores = self.score_buffer((K, B, L, ref.vocab_size))
         caches = [DynamicCache(config=m.model.config) if use_cache else None for m in self.members]
         run_mask = mask if padded else None
+        views = [self._start_view(ref, k, batch, L) for k in range(K)]
         self.run_members(
-            lambda k: self._prefill_member(ref, k, scores[k], input_ids, run_mask, positions, caches[k])
+            lambda k: self._prefill_member(
+                ref, k, scores[k], input_ids, run_mask, positions, caches[k], views[k]
+            )
         )
         last = scores[:, :, -1].clone()  # (K, B, V): the buffer is given back after the solve
-        return PrefillScores(scores, input_ids, mask, padded, caches, last)
+        return PrefillScores(scores, input_ids, mask, padded, caches, last, views)
+
+    def _start_view(self, ref: Reference, k: int, batch: Sequence[Sequence[int]], L: int) -> StartView | None:
+        token_map = ref.token_maps[k]
+        if token_map is None or (token_map.lead is None and token_map.hide is None):
+            return None
+        hidden = None
+        if token_map.hide is not None:
+            flags = [len(ids) >= 2 and ids[0] == token_map.hide for ids in batch]
+            if any(flags):
+                hidden = torch.tensor(flags, device=self.mix_device)
+        if token_map.lead is None and hidden is None:
+            return None
+        first = torch.tensor([L - len(ids) for ids in batch], device=self.mix_device)
+        return StartView(token_map.lead, hidden, first)
+
+    def _member_prefill(self, ref, k, input_ids, mask, positions, cache, view: StartView | None):
+        """Member k's prompt logits ``(B, L, V_ref)`` aligned with the reference columns: its own BOS put
+        before the rows (and its column dropped from the output) or the reference's BOS masked out (its
+        column zero: no prediction of the first token)."""
+        if view is None:
+            return self.logits(ref, k, input_ids, mask, positions, cache)
+        if mask is None and view.hidden is not None:  # one unpadded row: the member reads it without BOS
+            logits = self.logits(ref, k, input_ids[:, 1:], None, None, cache, lead=view.lead)
+            if view.lead is not None:
+                logits = logits[:, 1:]
+            return torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
+        if mask is not None:
+            mask = view.mask(mask)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.logits(ref, k, input_ids, mask, positions, cache, lead=view.lead)
+        if view.lead is not None:
+            logits = logits[:, 1:]
+        if view.hidden is not None:
+            rows = view.hidden.nonzero()[:, 0]
+            logits = logits.clone()
+            logits[rows.to(logits.device), view.first[rows].to(logits.device)] = 0
+        return logits
 
     def _prefill_member(
-        self, ref: Reference, k: int, out: torch.Tensor, input_ids, mask, positions, cache
+        self, ref: Reference, k: int, out: torch.Tensor, input_ids, mask, positions, cache, view=None
     ) -> None:
         """Member k's forward over the batch, its logits written into ``out`` ``(B, L, V)`` (a slice of the
         score buffer): through :meth:`linear_head` when it applies (one matrix product into ``out``), else
@@ -241,7 +336,7 @@ class Scorer:
         lowest = torch.finfo(out.dtype).min
         head = self.linear_head(k) if ref.token_maps[k] is None else None
         if head is None:
-            logits = self.logits(ref, k, input_ids, mask, positions, cache)
+            logits = self._member_prefill(ref, k, input_ids, mask, positions, cache, view)
             if logits.dtype == out.dtype and logits.device == out.device:
                 torch.clamp(logits, min=lowest, out=out)
             else:
@@ -251,7 +346,7 @@ class Scorer:
             h = self.logits(ref, k, input_ids, mask, positions, cache, hidden=True).flatten(0, 1)  # (B*L, H)
         except TypeError:  # a base model that does not take these arguments: the model's own forward
             self.disable_linear_head(k)
-            return self._prefill_member(ref, k, out, input_ids, mask, positions, cache)
+            return self._prefill_member(ref, k, out, input_ids, mask, positions, cache, view)
         weight = head.weight[: ref.vocab_size]
         bias = None if head.bias is None else head.bias[: ref.vocab_size]
         out = out.view(h.shape[0], -1)
