@@ -42,12 +42,19 @@ class TokenMap:
     ``lead`` is the member's BOS id, put before the prompt when the member's tokenizer adds one and the
     reference's adds none; ``hide`` is the reference's BOS id, which a member whose tokenizer adds no BOS
     never reads (it is masked out of that member's forward, and the member has no prediction for the
-    first text token). When both add one, ``ids`` maps the reference's BOS to the member's."""
+    first text token). When both add one, ``ids`` maps the reference's BOS to the member's.
+
+    ``split[r] = -log n``, where n reference tokens share r's image ``ids[r]``, is added to the member's
+    gathered logits: each member token's probability is divided among the reference tokens that read it,
+    so the member's distribution over the reference vocabulary still sums to one. (The paper's plain
+    gather counts a member token once per reference token mapped onto it: a member reading exactly the
+    reference's tokens scored a prompt perplexity 15x its own on the real pack.)"""
 
     ids: torch.Tensor  # (V_ref,) long, on the member's device
     approx: torch.Tensor  # (V_ref,) bool, on the mix device
     lead: int | None = None  # member id prepended to every prompt
     hide: int | None = None  # reference id masked out at the start of a prompt
+    split: torch.Tensor | None = None  # (V_ref,) float on the member's device; None when no image is shared
 
 
 @dataclass(frozen=True)
@@ -233,7 +240,9 @@ class ReferencePolicy:
                         ids[ref_bos] = own_bos
                     lead = own_bos if ref_bos is None else None
                     hide = ref_bos if own_bos is None else None
-                    maps[k] = TokenMap(ids, approx, lead=lead, hide=hide)
+                    shared = torch.bincount(ids, minlength=mined.dst_vocab_size)[ids]  # (V_ref,)
+                    split = -torch.log(shared.double()).float() if bool((shared > 1).any()) else None
+                    maps[k] = TokenMap(ids, approx, lead=lead, hide=hide, split=split)
         else:
             from langchain_packllm.bytealign import PrefixAligner
 
@@ -345,28 +354,67 @@ def fit(
 @torch.inference_mode()
 def bits_per_byte(members: Sequence[Member], text: str) -> list[float]:
     """Each member's bits per byte on ``text``, scoring its own tokenization (comparable across tokenizers,
-    unlike per-token perplexity). NaN where the text has fewer than 2 tokens. A text longer than a member's
-    context is scored on its last tokens that fit (and the bytes they cover)."""
+    unlike per-token perplexity). NaN where the text has fewer than 2 tokens.
+
+    Every member is scored on the same bytes: those after the longest first text token among the
+    members (a member whose tokenizer adds no BOS cannot predict its first token, so no member's score
+    includes it), from the first of its own token boundaries there. A text longer than a member's context
+    is scored on its last tokens that fit (and the bytes they cover)."""
+    encoded = [_encode_with_offsets(m.tokenizer, text) for m in members]
+    firsts = [next((end for start, end in offsets if end > start), 0) for _, offsets in encoded]
+    skip = max(firsts, default=0)  # bytes no member is scored on
+    total = len(text.encode("utf-8"))
     out = []
-    for m in members:
-        enc = m.tokenizer(text, add_special_tokens=True)
-        ids = list(enc["input_ids"])
+    for m, (ids, offsets) in zip(members, encoded, strict=True):
         limit = m.max_length
-        if limit is not None and len(ids) > limit:
-            ids = ids[-limit:]
-            covered = m.tokenizer.decode(ids, skip_special_tokens=True)
-        else:
-            covered = text
-        first = m.tokenizer.decode(ids[:1], skip_special_tokens=True) if ids else ""
-        n_bytes = len(covered.encode("utf-8")) - len(first.encode("utf-8"))
-        if len(ids) < 2 or n_bytes <= 0:
-            out.append(float("nan"))
+        if offsets is None or (limit is not None and len(ids) > limit):
+            out.append(_bits_per_byte_own_span(m, text))
             continue
+        # the first token that starts at or after `skip` (a text token); all tokens from there are scored
+        start = next((i for i, (a, b) in enumerate(offsets) if b > a and a >= skip), None)
+        if start is None or start == 0:
+            out.append(float("nan") if start is None else _bits_per_byte_own_span(m, text))
+            continue
+        n_bytes = total - offsets[start][0]
         x = torch.tensor([ids], device=m.device)
-        logits = m.model(input_ids=x).logits[0, :-1, : len(m.tokenizer)].float()
-        nll = -torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).sum()
-        out.append(float(nll) / math.log(2) / n_bytes)
+        logits = m.model(input_ids=x).logits[0, start - 1 : -1, : len(m.tokenizer)].float()
+        nll = -torch.log_softmax(logits, -1).gather(-1, x[0, start:, None]).sum()
+        out.append(float(nll) / math.log(2) / n_bytes if n_bytes > 0 else float("nan"))
     return out
+
+
+def _encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """Ids with special tokens, and each token's (start, end) in UTF-8 bytes of ``text`` (None without a
+    fast tokenizer)."""
+    try:
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"]), None
+    byte_at = [0]
+    for ch in text:
+        byte_at.append(byte_at[-1] + len(ch.encode("utf-8")))
+    offsets = [(byte_at[a], byte_at[b]) for a, b in enc["offset_mapping"]]
+    return list(enc["input_ids"]), offsets
+
+
+def _bits_per_byte_own_span(m: Member, text: str) -> float:
+    """A member's bits per byte on its own span (every token after its first), for a text longer than its
+    context (its last tokens that fit) or a tokenizer without offsets."""
+    ids = list(m.tokenizer(text, add_special_tokens=True)["input_ids"])
+    limit = m.max_length
+    if limit is not None and len(ids) > limit:
+        ids = ids[-limit:]
+        covered = m.tokenizer.decode(ids, skip_special_tokens=True)
+    else:
+        covered = text
+    first = m.tokenizer.decode(ids[:1], skip_special_tokens=True) if ids else ""
+    n_bytes = len(covered.encode("utf-8")) - len(first.encode("utf-8"))
+    if len(ids) < 2 or n_bytes <= 0:
+        return float("nan")
+    x = torch.tensor([ids], device=m.device)
+    logits = m.model(input_ids=x).logits[0, :-1, : len(m.tokenizer)].float()
+    nll = -torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).sum()
+    return float(nll) / math.log(2) / n_bytes
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")

@@ -189,7 +189,10 @@ class Scorer:
         if hidden:
             return out.last_hidden_state
         if token_map is not None:
-            return out.logits.index_select(-1, token_map.ids)  # member logits -> reference vocabulary
+            logits = out.logits.index_select(-1, token_map.ids)  # member logits -> reference vocabulary
+            if token_map.split is not None:  # a member token read by n reference tokens: 1/n each
+                logits = logits + token_map.split.to(logits.dtype)
+            return logits
         return out.logits[..., : ref.vocab_size]
 
     def linear_head(self, k: int) -> LinearHead | None:

@@ -10,6 +10,8 @@ forwards and a naive greedy decoder written plainly here (no cache, one prompt a
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tokenizers import processors
@@ -21,6 +23,14 @@ from langchain_packllm.reference import added_bos
 from langchain_packllm.testing import make_tiny_model, stdlib_text, train_metaspace_tokenizer
 
 PROMPTS = ["def main(argv):\n    return", "import os\n", "The value of x is"]
+
+
+def mined_cols(logits: torch.Tensor, mined: MinEDMap) -> torch.Tensor:
+    """A member's logits read on the reference vocabulary: the logit of each reference token's MinED image,
+    less log n where n reference tokens share that image (each gets 1/n of its probability)."""
+    ids = torch.as_tensor(mined.ids)
+    shared = torch.bincount(ids, minlength=mined.dst_vocab_size)[ids]
+    return logits[..., ids] - torch.log(shared.double()).to(logits)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +82,7 @@ def naive_greedy(members, ref: int, weights, prompt: str, n: int) -> list[int]:
                     logits = m.model(input_ids=torch.tensor([ids])).logits[0, -1, : len(ref_tok)]
                 else:
                     inp = own_ids(m, ref_tok, ids, maps[k])
-                    logits = m.model(input_ids=torch.tensor([inp])).logits[0, -1][
-                        torch.as_tensor(maps[k].ids)
-                    ]
+                    logits = mined_cols(m.model(input_ids=torch.tensor([inp])).logits[0, -1], maps[k])
                 fused = fused + w * torch.log_softmax(logits.double(), -1)
             nxt = int(torch.argmax(fused))
             if nxt == ref_tok.eos_token_id:
@@ -108,7 +116,7 @@ def test_prompt_scores_equal_each_member_on_its_own_convention(members, padded: 
             got = pre.scores[other, b, first:]  # (n, V_ref)
             inp = own_ids(members[other], members[ref].tokenizer, ids, token_map)
             with torch.no_grad():
-                want = members[other].model(input_ids=torch.tensor([inp])).logits[0][:, token_map.ids]
+                want = mined_cols(members[other].model(input_ids=torch.tensor([inp])).logits[0], token_map)
             if ref == 0:  # the Llama member read <s> first: its output there is dropped
                 torch.testing.assert_close(got, want[1:].to(got), rtol=1e-7, atol=1e-7)
             else:  # the GPT-2 member never read <s>: no prediction of the first text token
@@ -151,10 +159,28 @@ def test_objective_leaves_out_the_token_one_member_cannot_predict(members) -> No
     with torch.no_grad():
         llama = torch.log_softmax(members[1].model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
         inp = own_ids(members[0], members[1].tokenizer, ids, token_map)
-        gpt2 = members[0].model(input_ids=torch.tensor([inp])).logits[0][:, token_map.ids]
+        gpt2 = mined_cols(members[0].model(input_ids=torch.tensor([inp])).logits[0], token_map)
         gpt2 = torch.log_softmax(gpt2.double(), -1)
     targets = torch.tensor(ids[2:])
     want_llama = torch.exp(-llama[1:-1].gather(-1, targets[:, None]).mean())
     want_gpt2 = torch.exp(-gpt2[:-1].gather(-1, targets[:, None]).mean())  # gpt2 row j predicts ids[j + 2]
     assert report.perplexities[members[1].name] == pytest.approx(float(want_llama), rel=1e-6)
     assert report.perplexities[members[0].name] == pytest.approx(float(want_gpt2), rel=1e-6)
+
+
+def test_reference_choice_scores_every_member_on_the_same_bytes(members) -> None:
+    """The BOS member could predict the first word, the other cannot: neither is scored on it."""
+    engine = FusionEngine(members)
+    for text in PROMPTS:
+        encs = [m.tokenizer(text, return_offsets_mapping=True) for m in members]
+        skip = max(next(e for s, e in enc["offset_mapping"] if e > s) for enc in encs)
+        want = []
+        for m, enc in zip(members, encs, strict=True):
+            ids, offsets = enc["input_ids"], enc["offset_mapping"]
+            start = next(i for i, (s, e) in enumerate(offsets) if e > s and s >= skip)
+            with torch.no_grad():
+                lp = torch.log_softmax(m.model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+            nll = -sum(float(lp[i - 1, ids[i]]) for i in range(start, len(ids)))
+            want.append(nll / math.log(2) / (len(text) - offsets[start][0]))
+        _, got = engine.choose_reference(text)
+        assert list(got) == pytest.approx(want, rel=1e-6)

@@ -18,6 +18,14 @@ from langchain_packllm.testing import (
 )
 
 
+def mined_cols(logits: torch.Tensor, mined: MinEDMap) -> torch.Tensor:
+    """A member's logits read on the reference vocabulary: the logit of each reference token's MinED image,
+    less log n where n reference tokens share that image (each gets 1/n of its probability)."""
+    ids = torch.as_tensor(mined.ids)
+    shared = torch.bincount(ids, minlength=mined.dst_vocab_size)[ids]
+    return logits[..., ids] - torch.log(shared.double()).to(logits)
+
+
 @pytest.fixture(scope="module")
 def mixed_paths(tmp_path_factory, tiny_paths) -> list[str]:
     """A byte-level BPE GPT-2 member (from the shared tiny pack) and a Metaspace BPE Llama member."""
@@ -42,13 +50,20 @@ def monkeypatch_module(tmp_path_factory):
     mp.undo()
 
 
-def plain_bits_per_byte(member, text: str) -> float:
-    ids = member.tokenizer(text)["input_ids"]
-    with torch.no_grad():
-        lp = torch.log_softmax(member.model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), -1)
-    nll = -float(lp.gather(-1, torch.tensor(ids[1:])[:, None]).sum())
-    first = member.tokenizer.decode(ids[:1], skip_special_tokens=True)
-    return nll / math.log(2) / (len(text.encode()) - len(first.encode()))
+def plain_bits_per_byte(members, text: str) -> list[float]:
+    """Bits per byte of each member on the same bytes: after the longest first token among the members,
+    from each member's first token that starts there (character offsets; these texts are ASCII)."""
+    encs = [m.tokenizer(text, return_offsets_mapping=True) for m in members]
+    skip = max(next(e for s, e in enc["offset_mapping"] if e > s) for enc in encs)
+    out = []
+    for m, enc in zip(members, encs, strict=True):
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        start = next(i for i, (s, e) in enumerate(offsets) if e > s and s >= skip)
+        with torch.no_grad():
+            lp = torch.log_softmax(m.model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        nll = -sum(float(lp[i - 1, ids[i]]) for i in range(start, len(ids)))
+        out.append(nll / math.log(2) / (len(text) - offsets[start][0]))
+    return out
 
 
 def naive_mined_greedy(members, ref: int, weights, prompt: str, n: int) -> list[int]:
@@ -64,7 +79,7 @@ def naive_mined_greedy(members, ref: int, weights, prompt: str, n: int) -> list[
             for k, (w, m) in enumerate(zip(weights, members)):
                 inp = ids if k == ref else [int(maps[k].ids[i]) for i in ids]
                 logits = m.model(input_ids=torch.tensor([inp])).logits[0, -1].double()
-                cols = logits[: len(ref_tok)] if k == ref else logits[torch.as_tensor(maps[k].ids)]
+                cols = logits[: len(ref_tok)] if k == ref else mined_cols(logits, maps[k])
                 fused = fused + w * torch.log_softmax(cols, -1)
             nxt = int(torch.argmax(fused))
             if nxt == ref_tok.eos_token_id:
@@ -86,8 +101,8 @@ def test_mixed_pack_generates_with_reports(mixed64) -> None:
         assert rep.reference in engine.names
         assert sum(rep.weights.values()) == pytest.approx(1.0)
         assert set(rep.bits_per_byte) == set(engine.names)
-        for name, member in zip(engine.names, mixed64):
-            assert rep.bits_per_byte[name] == pytest.approx(plain_bits_per_byte(member, prompt), rel=1e-6)
+        for name, want in zip(engine.names, plain_bits_per_byte(mixed64, prompt), strict=True):
+            assert rep.bits_per_byte[name] == pytest.approx(want, rel=1e-6)
         assert rep.reference == min(rep.bits_per_byte, key=rep.bits_per_byte.get)
         assert 0 <= rep.approx_tokens <= rep.prompt_tokens
         assert isinstance(out.text, str) and len(out.token_ids) > 0

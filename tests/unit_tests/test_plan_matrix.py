@@ -57,6 +57,14 @@ TIMER = {
 }
 
 
+def mined_cols(logits: torch.Tensor, mined: MinEDMap) -> torch.Tensor:
+    """A member's logits read on the reference vocabulary: the logit of each reference token's MinED image,
+    less log n where n reference tokens share that image (each gets 1/n of its probability)."""
+    ids = torch.as_tensor(mined.ids)
+    shared = torch.bincount(ids, minlength=mined.dst_vocab_size)[ids]
+    return logits[..., ids] - torch.log(shared.double()).to(logits)
+
+
 class Pick(BaseModel):
     """A choice."""
 
@@ -119,7 +127,7 @@ def naive_mined(members, ref: int, weights, ids: list[int], n: int, processor=No
             for k, (w, m) in enumerate(zip(weights, members)):
                 inp = ids if k == ref else [int(maps[k].ids[i]) for i in ids]
                 logits = m.model(input_ids=torch.tensor([inp])).logits[0, -1].double()
-                cols = logits[: len(ref_tok)] if k == ref else logits[torch.as_tensor(maps[k].ids)]
+                cols = logits[: len(ref_tok)] if k == ref else mined_cols(logits, maps[k])
                 fused = fused + w * torch.log_softmax(cols, -1)
             if processor is not None:
                 fused = processor(torch.tensor([ids]), torch.log_softmax(fused, -1)[None])[0]
@@ -204,7 +212,7 @@ def test_loglikelihood_equals_the_plain_sum_or_refuses_clearly(case, monkeypatch
         for k, (w, m) in enumerate(zip(W, pack)):
             inp = ids if k == ref else [int(maps[k].ids[i]) for i in ids]
             logits = m.model(input_ids=torch.tensor([inp])).logits[0].double()
-            cols = logits[:, : len(tok)] if k == ref else logits[:, torch.as_tensor(maps[k].ids)]
+            cols = logits[:, : len(tok)] if k == ref else mined_cols(logits, maps[k])
             fused = fused + w * torch.log_softmax(cols, -1)
         lp = torch.log_softmax(fused, -1)
         for t in range(n_ctx, len(ids)):
