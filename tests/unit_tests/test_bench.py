@@ -80,3 +80,14 @@ def test_command_line_sets_the_solve_vocabularies_and_rejects_bad_ones() -> None
             _config(parse(["bench", "--solve-vocabs", bad]))
     with pytest.raises(SystemExit, match="Unknown bench section"):
         _config(parse(["bench", "--only", "solve,speed"]))
+
+
+def test_align_section_is_asked_for_by_name() -> None:
+    from langchain_packllm.lab.bench import _config, _exhaustive_nearest
+    from langchain_packllm.lab.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert _config(parse(["bench", "--only", "align"]))[1] == ("align",)
+    assert "align" not in _config(parse(["bench"]))[1]  # it needs the real pack: never run by default
+    # the baseline's tie-breaks: distance, then the longest common prefix, then the lowest index
+    assert _exhaustive_nearest(["cat", "dogs", "zz"], ["cap", "cab", "dog", "dot", "a", "b"]) == [0, 2, 4]
