@@ -210,7 +210,7 @@ class ChatPackLLM(PackSettings, BaseChatModel):
         choice = _normalise_tool_choice(kwargs.pop("tool_choice", None))
         response_format = kwargs.pop("response_format", None)
         kwargs.pop("ls_structured_output_format", None)
-        reference, _ = self.engine.choose_reference(fallback_template(to_chat_dicts(messages)))
+        reference, bpb = self.engine.choose_reference(fallback_template(to_chat_dicts(messages)))
         mode, grammar, instructions = "text", None, None
         if response_format is not None or (tools and choice != "none"):
             # llguidance is imported only when a call is constrained
@@ -250,7 +250,8 @@ class ChatPackLLM(PackSettings, BaseChatModel):
         if mode in ("call", "json"):  # JSON must be able to close: a floor on the budget, no stop strings
             budget = max(sampling.max_new_tokens, self.constrained_max_tokens)
             sampling = dataclasses.replace(sampling, max_new_tokens=budget, stop=())
-        return _Plan(prompt, mode, {t["function"]["name"] for t in tools}, weighting, sampling, reference)
+        names = {t["function"]["name"] for t in tools}
+        return _Plan(prompt, mode, names, weighting, sampling, reference, bpb)
 
     def _message(self, output: FusionOutput, plan: _Plan) -> AIMessage:
         text = output.text.lstrip()
@@ -264,11 +265,14 @@ class ChatPackLLM(PackSettings, BaseChatModel):
             tool_calls=calls,
             invalid_tool_calls=invalid,
             usage_metadata=_usage(output),
-            response_metadata=self._metadata(output, calls),
+            response_metadata=self._metadata(output, calls, plan),
         )
 
-    def _metadata(self, output: FusionOutput, calls: list) -> dict[str, Any]:
+    def _metadata(self, output: FusionOutput, calls: list, plan: _Plan) -> dict[str, Any]:
         info = report_info(output)
+        if info.get("bits_per_byte") is None and plan.bits_per_byte is not None:
+            # the reference was chosen here, on the conversation as plain text (the engine was given it)
+            info["bits_per_byte"] = dict(zip(self.engine.names, plan.bits_per_byte))
         if calls and output.finish_reason == "stop":
             info["finish_reason"] = "tool_calls"
         return {"model_name": self.model_name, "model_provider": "packllm", **info}
@@ -371,7 +375,8 @@ class ChatPackLLM(PackSettings, BaseChatModel):
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """What one chat call decodes: the prompt (in the reference member's template), the constraint mode,
-    the bound tools' names, the configs, and the reference member (chosen before rendering)."""
+    the bound tools' names, the configs, the reference member (chosen before rendering) and the bits per
+    byte it was chosen by (mixed vocabularies)."""
 
     prompt: str
     mode: str  # "text", "auto" (answer or call), "call" (a forced call) or "json" (structured output)
@@ -379,6 +384,7 @@ class _Plan:
     weighting: WeightingConfig
     sampling: SamplingConfig
     reference: Reference
+    bits_per_byte: tuple[float, ...] | None = None  # each member's, on the text the reference was chosen on
 
 
 # ---------------------------------------------------------------------- tool choice, schemas, parsing
