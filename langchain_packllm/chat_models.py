@@ -250,6 +250,10 @@ class ChatPackLLM(PackSettings, BaseChatModel):
         if mode in ("call", "json"):  # JSON must be able to close: a floor on the budget, no stop strings
             budget = max(sampling.max_new_tokens, self.constrained_max_tokens)
             sampling = dataclasses.replace(sampling, max_new_tokens=budget, stop=())
+        elif not getattr(reference.tokenizer, "chat_template", None):
+            # the plain template's turns end where the next role line begins (a base model writes them on)
+            extra = tuple(s for s in FALLBACK_STOPS if s not in sampling.stop)
+            sampling = dataclasses.replace(sampling, stop=(*sampling.stop, *extra))
         names = {t["function"]["name"] for t in tools}
         return _Plan(prompt, mode, names, weighting, sampling, reference, bpb)
 
@@ -514,6 +518,10 @@ def tools_instructions(tools: list[dict[str, Any]]) -> str:
         "otherwise answer in plain text."
     )
     return "\n".join(lines)
+
+
+# Where an answer in the plain template ends: the next role line (added to a call's stop sequences).
+FALLBACK_STOPS: tuple[str, ...] = ("\nUser:", "\nAssistant:", "\nSystem:", "\nTool (")
 
 
 def fallback_template(chat: list[dict[str, Any]]) -> str:

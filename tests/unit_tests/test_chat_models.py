@@ -297,3 +297,14 @@ def test_sampling_config_applies_extra_processors_after_the_penalty_and_before_t
     assert SamplingConfig().processors() == [] and SamplingConfig(
         logits_processors=(marker,)
     ).processors() == [marker]
+
+
+def test_plain_template_answers_stop_at_the_next_role_line(chat: ChatPackLLM) -> None:
+    from langchain_packllm.chat_models import FALLBACK_STOPS
+
+    plan = chat._plan([HumanMessage("Hello")], ["END"], {})
+    assert plan.sampling.stop == ("END", *FALLBACK_STOPS)
+    forced = chat._plan([HumanMessage("Hello")], None, {"tools": [LIGHT], "tool_choice": "any"})
+    assert forced.sampling.stop == ()  # a constrained call must be able to close its JSON
+    reply = chat.invoke("Hello", max_tokens=24)
+    assert not any(s in reply.content for s in FALLBACK_STOPS)

@@ -211,16 +211,11 @@ def test_chat_without_a_template_uses_the_plain_fallback(pack, gemma_reply) -> N
     assert math.isclose(sum(meta["weights"].values()), 1.0, abs_tol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the plain fallback template has no end of turn: a base member (Gemma as reference) goes on to "
-    "write the next turns ('...\\nAssistant: ...'), and ChatPackLLM adds no stop sequence for the role "
-    "lines it renders ('\\nUser:', '\\nAssistant:')",
-)
 def test_chat_fallback_answer_ends_before_the_next_turn(gemma_reply) -> None:
+    """The plain template's turn ends where a base member would write the next role line."""
     for role in ("\nUser:", "\nAssistant:", "\nSystem:"):
         assert role not in gemma_reply.content
+    assert gemma_reply.content.strip()
 
 
 # ---------------------------------------------------------------------------------------------- tools
