@@ -560,6 +560,8 @@ def _eval(args) -> int:
     from langchain_packllm.lab.pack import build_pack
     from langchain_packllm.members import load_member
 
+    if args.pack == "real":
+        return _eval_real(args)
     size = "tiny" if args.tiny else "default"
     manifest = build_pack(size, args.variant, cache_dir=args.cache_dir, install=args.install)
     engine = FusionEngine(
@@ -598,10 +600,48 @@ def _eval(args) -> int:
     return 0
 
 
+def _eval_real(args) -> int:
+    """``packllm eval lm --pack real``: the real pack in bits per byte on held-out text of four domains
+    (there is no training data to route by, so no cBTM)."""
+    import json
+    from pathlib import Path
+
+    from langchain_packllm.lab.pack.real import REAL_NAMES, real_eval_documents, real_pack_paths
+    from langchain_packllm.members import load_member
+
+    if args.task != "lm":
+        raise SystemExit("--pack real supports the lm task only.")
+    paths = real_pack_paths(args.cache_dir, progress=True)
+    engine = FusionEngine([load_member(p, name=n, device=args.device) for n, p in zip(REAL_NAMES, paths)])
+    documents = real_eval_documents(args.docs)
+    methods = [m for m in args.methods.split(",") if m != "cbtm"]
+    result = evaluate_lm_bytes(
+        engine, documents, methods=methods, ks=_parse_ks(args.ks), grid_step=args.grid_step
+    )
+    table = result.markdown()
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / "lm-real"
+        stem.with_suffix(".md").write_text(table + "\n")
+        stem.with_suffix(".json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        result.plot(str(stem.with_suffix(".png")))
+        print(f"\nwrote {stem}.md, .json, .png")
+    return 0
+
+
 def add_eval_commands(sub) -> None:
     p = sub.add_parser("eval", help="evaluate every weighting strategy and baseline on the expert pack")
     p.add_argument("task", choices=["lm", "mc"], help="lm: perplexity (paper protocol); mc: multiple choice")
     p.add_argument("--tiny", action="store_true", help="use the tiny pack")
+    p.add_argument(
+        "--pack",
+        choices=("expert", "real"),
+        default="expert",
+        help="expert: the trained domain-expert pack (default); real: SmolLM2 + Gemma 3 + Qwen2.5-Coder on "
+        "held-out code, documentation, manual pages and licenses (lm only)",
+    )
     p.add_argument("--variant", default="shared", choices=["shared", "mixed"], help="mixed: own tokenizers")
     p.add_argument("--docs", type=int, default=40, help="held-out documents per domain")
     p.add_argument("--methods", default=",".join(FUSION_METHODS))

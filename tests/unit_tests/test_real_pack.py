@@ -224,3 +224,18 @@ def test_the_real_pack_converts_once_and_loads(real_pack_home, capsys) -> None:
     eos = [GenerationConfig.from_pretrained(p).eos_token_id for p in paths]
     assert eos[1] == [1, 106]  # <eos>, <end_of_turn>: as google/gemma-3-270m
     assert sorted(eos[2]) == [151643, 151645]  # <|endoftext|>, <|im_end|>: as Qwen2.5-Coder-Instruct
+
+
+def test_real_eval_documents_cover_four_domains_of_local_text() -> None:
+    docs = real.real_eval_documents(3, max_chars=800)
+    assert set(docs) <= set(real.REAL_EVAL_DOMAINS) and {"code", "licenses"} <= set(docs)
+    for domain, passages in docs.items():
+        assert 1 <= len(passages) <= 3, domain
+        assert all(200 <= len(p.strip()) and len(p) <= 800 for p in passages), domain
+    assert any("def " in p or "import " in p for p in docs["code"])
+    assert docs == real.real_eval_documents(3, max_chars=800)  # seeded: the same passages every run
+
+
+def test_eval_on_the_real_pack_is_the_lm_task_only() -> None:
+    with pytest.raises(SystemExit, match="lm task only"):
+        main(["eval", "mc", "--pack", "real"])

@@ -469,3 +469,53 @@ def load_real_pack(home: str | os.PathLike | None = None, **kwargs: Any):
 
     kwargs.setdefault("names", REAL_NAMES)
     return PackLLM.from_model_ids(real_pack_paths(home), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Held-out text for the real pack (nothing here was written for these models; pretrained models may have
+# seen public text like it, which is why these are measured against each member alone, not as "unseen").
+
+REAL_EVAL_DOMAINS = ("code", "docs", "manpages", "licenses")
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def _third_party_sources() -> list[Path]:
+    """Python sources of installed third-party packages (site-packages, never the standard library)."""
+    import site
+    import sysconfig
+
+    roots = {Path(p) for p in site.getsitepackages()} | {Path(sysconfig.get_paths()["purelib"])}
+    files = []
+    for root in sorted(roots):
+        for name in ("pydantic", "tqdm", "jsonschema", "langchain_core", "rapidfuzz", "gguf"):
+            files += sorted((root / name).rglob("*.py")) if (root / name).is_dir() else []
+    return files
+
+
+def real_eval_documents(docs_per_domain: int, max_chars: int = 1500, seed: int = 0) -> dict[str, list[str]]:
+    """``docs_per_domain`` passages of at most ``max_chars`` per domain of :data:`REAL_EVAL_DOMAINS`:
+    third-party Python code, the Python documentation (Debian's python3-doc), manual pages, and the
+    licenses in /usr/share/common-licenses. A domain whose source is missing is left out with a warning."""
+    import random
+
+    from langchain_packllm.lab.pack.corpora import CorpusUnavailableError, chunk_text, load_domain
+
+    def pieces(texts: list[str]) -> list[str]:
+        out = [p for t in texts for p in chunk_text(t, max_chars) if len(p.strip()) >= 200]
+        random.Random(seed).shuffle(out)
+        return out[:docs_per_domain]
+
+    sources: dict[str, list[str]] = {}
+    files = _third_party_sources()
+    random.Random(seed).shuffle(files)
+    sources["code"] = [f.read_text(encoding="utf-8", errors="ignore") for f in files[: 4 * docs_per_domain]]
+    for domain, corpus in (("docs", "pydocs"), ("manpages", "manpages")):
+        try:
+            sources[domain] = load_domain(corpus, max_sources=4 * docs_per_domain, seed=seed)
+        except CorpusUnavailableError as err:
+            logger.warning("Leaving out %s: %s", domain, err)
+    if LICENSES.is_dir():
+        sources["licenses"] = [
+            p.read_text(errors="ignore") for p in sorted(LICENSES.iterdir()) if p.is_file()
+        ]
+    return {d: pieces(t) for d, t in sources.items() if pieces(t)}
