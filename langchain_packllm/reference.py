@@ -265,14 +265,17 @@ class ReferencePolicy:
     def prepare(self, progress: bool = True) -> None:
         """Build (or load from the disk cache) what every possible reference needs, now: with MinED, the
         ``K * (K - 1)`` directed maps (each build searches on all cores); nothing for a shared vocabulary."""
-        indices = range(len(self.members) if self.alignment != "none" else 1)
         if self.alignment == "none":
             self.reference(0)
             return
         from tqdm.auto import tqdm
 
         with tqdm(
-            indices, desc=f"{self.alignment} alignment", unit="ref", disable=not progress, delay=1.0
+            range(len(self.members)),
+            desc=f"{self.alignment} alignment",
+            unit="ref",
+            disable=not progress,
+            delay=1.0,
         ) as bar:
             for index in bar:
                 bar.set_postfix_str(self.members[index].name)
@@ -375,11 +378,7 @@ def bits_per_byte(members: Sequence[Member], text: str) -> list[float]:
         if start is None or start == 0:
             out.append(float("nan") if start is None else _bits_per_byte_own_span(m, text))
             continue
-        n_bytes = total - offsets[start][0]
-        x = torch.tensor([ids], device=m.device)
-        logits = m.model(input_ids=x).logits[0, start - 1 : -1, : len(m.tokenizer)].float()
-        nll = -torch.log_softmax(logits, -1).gather(-1, x[0, start:, None]).sum()
-        out.append(float(nll) / math.log(2) / n_bytes if n_bytes > 0 else float("nan"))
+        out.append(_bits_from(m, ids, start, total - offsets[start][0]))
     return out
 
 
@@ -409,11 +408,17 @@ def _bits_per_byte_own_span(m: Member, text: str) -> float:
         covered = text
     first = m.tokenizer.decode(ids[:1], skip_special_tokens=True) if ids else ""
     n_bytes = len(covered.encode("utf-8")) - len(first.encode("utf-8"))
-    if len(ids) < 2 or n_bytes <= 0:
+    return _bits_from(m, ids, 1, n_bytes) if len(ids) >= 2 else float("nan")
+
+
+def _bits_from(m: Member, ids: list[int], start: int, n_bytes: int) -> float:
+    """Member ``m``'s bits on ``ids[start:]`` (each token predicted from those before it) per byte of the
+    ``n_bytes`` they cover; NaN when they cover none."""
+    if n_bytes <= 0:
         return float("nan")
     x = torch.tensor([ids], device=m.device)
-    logits = m.model(input_ids=x).logits[0, :-1, : len(m.tokenizer)].float()
-    nll = -torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).sum()
+    logits = m.model(input_ids=x).logits[0, start - 1 : -1, : len(m.tokenizer)].float()
+    nll = -torch.log_softmax(logits, -1).gather(-1, x[0, start:, None]).sum()
     return float(nll) / math.log(2) / n_bytes
 
 
