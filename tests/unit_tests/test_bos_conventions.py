@@ -10,8 +10,6 @@ forwards and a naive greedy decoder written plainly here (no cache, one prompt a
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from tokenizers import processors
@@ -21,16 +19,9 @@ from langchain_packllm.alignment import MinEDMap
 from langchain_packllm.members import load_member
 from langchain_packllm.reference import added_bos
 from langchain_packllm.testing import make_tiny_model, stdlib_text, train_metaspace_tokenizer
+from tests.naive import mined_cols, plain_bits_per_byte
 
 PROMPTS = ["def main(argv):\n    return", "import os\n", "The value of x is"]
-
-
-def mined_cols(logits: torch.Tensor, mined: MinEDMap) -> torch.Tensor:
-    """A member's logits read on the reference vocabulary: the logit of each reference token's MinED image,
-    less log n where n reference tokens share that image (each gets 1/n of its probability)."""
-    ids = torch.as_tensor(mined.ids)
-    shared = torch.bincount(ids, minlength=mined.dst_vocab_size)[ids]
-    return logits[..., ids] - torch.log(shared.double()).to(logits)
 
 
 @pytest.fixture(scope="module")
@@ -172,15 +163,6 @@ def test_reference_choice_scores_every_member_on_the_same_bytes(members) -> None
     """The BOS member could predict the first word, the other cannot: neither is scored on it."""
     engine = FusionEngine(members)
     for text in PROMPTS:
-        encs = [m.tokenizer(text, return_offsets_mapping=True) for m in members]
-        skip = max(next(e for s, e in enc["offset_mapping"] if e > s) for enc in encs)
-        want = []
-        for m, enc in zip(members, encs, strict=True):
-            ids, offsets = enc["input_ids"], enc["offset_mapping"]
-            start = next(i for i, (s, e) in enumerate(offsets) if e > s and s >= skip)
-            with torch.no_grad():
-                lp = torch.log_softmax(m.model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
-            nll = -sum(float(lp[i - 1, ids[i]]) for i in range(start, len(ids)))
-            want.append(nll / math.log(2) / (len(text) - offsets[start][0]))
+        want = plain_bits_per_byte(members, text)
         _, got = engine.choose_reference(text)
         assert list(got) == pytest.approx(want, rel=1e-6)

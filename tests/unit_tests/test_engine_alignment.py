@@ -16,14 +16,7 @@ from langchain_packllm.testing import (
     stdlib_text,
     train_metaspace_tokenizer,
 )
-
-
-def mined_cols(logits: torch.Tensor, mined: MinEDMap) -> torch.Tensor:
-    """A member's logits read on the reference vocabulary: the logit of each reference token's MinED image,
-    less log n where n reference tokens share that image (each gets 1/n of its probability)."""
-    ids = torch.as_tensor(mined.ids)
-    shared = torch.bincount(ids, minlength=mined.dst_vocab_size)[ids]
-    return logits[..., ids] - torch.log(shared.double()).to(logits)
+from tests.naive import mined_cols, plain_bits_per_byte
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +41,6 @@ def monkeypatch_module(tmp_path_factory):
     mp.setenv("PACKLLM_HOME", str(tmp_path_factory.mktemp("packllm-home")))
     yield mp
     mp.undo()
-
-
-def plain_bits_per_byte(members, text: str) -> list[float]:
-    """Bits per byte of each member on the same bytes: after the longest first token among the members,
-    from each member's first token that starts there (character offsets; these texts are ASCII)."""
-    encs = [m.tokenizer(text, return_offsets_mapping=True) for m in members]
-    skip = max(next(e for s, e in enc["offset_mapping"] if e > s) for enc in encs)
-    out = []
-    for m, enc in zip(members, encs, strict=True):
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        start = next(i for i, (s, e) in enumerate(offsets) if e > s and s >= skip)
-        with torch.no_grad():
-            lp = torch.log_softmax(m.model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
-        nll = -sum(float(lp[i - 1, ids[i]]) for i in range(start, len(ids)))
-        out.append(nll / math.log(2) / (len(text) - offsets[start][0]))
-    return out
 
 
 def naive_mined_greedy(members, ref: int, weights, prompt: str, n: int) -> list[int]:

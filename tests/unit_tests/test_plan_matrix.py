@@ -25,6 +25,7 @@ from langchain_packllm.alignment import MinEDMap
 from langchain_packllm.chat_models import fallback_template, to_chat_dicts
 from langchain_packllm.members import load_member
 from langchain_packllm.testing import make_tiny_model, stdlib_text, train_metaspace_tokenizer
+from tests.naive import mined_cols
 from tests.unit_tests.test_engine_alignment import naive_prefix_greedy
 
 pytestmark = pytest.mark.filterwarnings("ignore:Prompt of .* does not fit:UserWarning")
@@ -55,14 +56,6 @@ TIMER = {
         },
     },
 }
-
-
-def mined_cols(logits: torch.Tensor, mined: MinEDMap) -> torch.Tensor:
-    """A member's logits read on the reference vocabulary: the logit of each reference token's MinED image,
-    less log n where n reference tokens share that image (each gets 1/n of its probability)."""
-    ids = torch.as_tensor(mined.ids)
-    shared = torch.bincount(ids, minlength=mined.dst_vocab_size)[ids]
-    return logits[..., ids] - torch.log(shared.double()).to(logits)
 
 
 class Pick(BaseModel):
