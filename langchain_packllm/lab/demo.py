@@ -10,8 +10,11 @@ runs the trained domain-expert pack (built on first use, about 10 minutes; ``--p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import time
+from collections.abc import Iterator
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.outputs import LLMResult
@@ -91,7 +94,31 @@ def run_demo(
     return rows
 
 
+@contextlib.contextmanager
+def _cache_root(cache_dir: str | None) -> Iterator[None]:
+    """``$PACKLLM_HOME`` set to ``cache_dir`` (when given) while the demo runs, so that everything it
+    converts, builds or caches goes there: the converted members, the expert packs and the token maps
+    (``alignment/``), which the engine finds through ``$PACKLLM_HOME``."""
+    if cache_dir is None:
+        yield
+        return
+    before = os.environ.get("PACKLLM_HOME")
+    os.environ["PACKLLM_HOME"] = os.path.abspath(os.path.expanduser(cache_dir))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PACKLLM_HOME", None)
+        else:
+            os.environ["PACKLLM_HOME"] = before
+
+
 def _demo(args: argparse.Namespace) -> int:
+    with _cache_root(args.cache_dir):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     pack = "tiny" if args.tiny else args.pack
     if pack == "real":
         return _real_demo(args)
@@ -179,6 +206,12 @@ def add_demo_commands(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device for the members (default: cuda if present)")
-    p.add_argument("--cache-dir", default=None, help="cache root (default $PACKLLM_HOME or ~/.cache/packllm)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache root for everything the demo converts, builds or caches: members (models/), packs "
+        "(packs/) and token maps (alignment/); $PACKLLM_HOME is set to it while the demo runs (default "
+        "$PACKLLM_HOME, else ~/.cache/packllm)",
+    )
     p.add_argument("--install", action="store_true", help="apt-get install missing Debian corpora (root)")
     p.set_defaults(func=_demo)

@@ -40,3 +40,30 @@ def test_demo_on_the_real_pack(real_pack_home, capsys) -> None:
     # the code prompt goes mostly to the coder
     code_block = out.split("=== [code]")[1].split("=== [")[0]
     assert "trusted most: Qwen2.5-Coder-0.5B  (as expected)" in code_block
+
+
+def test_demo_cache_dir_holds_the_token_maps_too(tmp_path, monkeypatch, tiny_paths) -> None:
+    """``--cache-dir`` is the root of everything the demo caches: the MinED maps of a mixed pack go under
+    it, not under ``$PACKLLM_HOME``, which is left as it was."""
+    from langchain_packllm.lab import demo
+    from langchain_packllm.testing import make_tiny_model, stdlib_text, train_metaspace_tokenizer
+
+    tok = train_metaspace_tokenizer(stdlib_text(50_000), vocab_size=300)
+    make_tiny_model("llama", tok, seed=5).save_pretrained(tmp_path / "llama-sp")
+    tok.save_pretrained(tmp_path / "llama-sp")
+    paths = [tiny_paths[0], tiny_paths[1], str(tmp_path / "llama-sp")]  # two vocabularies: MinED maps
+    seen = {}
+
+    def fake_paths(home=None, progress=False):
+        seen["home"] = home
+        return paths
+
+    monkeypatch.setattr("langchain_packllm.lab.pack.real.real_pack_paths", fake_paths)
+    home, cache = tmp_path / "home", tmp_path / "cache"
+    monkeypatch.setenv("PACKLLM_HOME", str(home))
+    assert main(["demo", "--cache-dir", str(cache), "--max-new-tokens", "2"]) == 0
+    assert seen["home"] == str(cache)  # the members are converted there
+    maps = [p.name for p in (cache / "alignment").iterdir()]
+    assert maps and all(name.startswith("mined-") for name in maps)
+    assert not (home / "alignment").exists()
+    assert demo.os.environ["PACKLLM_HOME"] == str(home)  # restored after the command
