@@ -21,8 +21,13 @@ from langchain_packllm import weights as weights_lib
 from langchain_packllm.config import FusionOutput, FusionReport, SamplingConfig, WeightingConfig
 from langchain_packllm.engine import FusionEngine
 from langchain_packllm.members import Member, load_member
+from langchain_packllm.online import check_online
 
-_LOADER_ARGS = ("device", "torch_dtype", "model_kwargs", "tokenizer_kwargs", "names")
+_LOADER_ARGS = (
+    "device", "torch_dtype", "model_kwargs", "tokenizer_kwargs", "names", "backend", "member_resources",
+    "ray_address",
+)  # fmt: skip
+BACKENDS = ("inprocess", "ray")
 
 
 def load_engine(
@@ -34,8 +39,25 @@ def load_engine(
     tokenizer_kwargs: dict[str, Any] | None = None,
     names: Sequence[str] | None = None,
     alignment: str = "auto",
+    backend: str = "inprocess",
+    member_resources: Sequence[dict[str, Any]] | None = None,
+    ray_address: str | None = None,
 ) -> FusionEngine:
-    """A :class:`FusionEngine` over members loaded (or taken from the process cache) by id or path."""
+    """A :class:`FusionEngine` over members loaded (or taken from the process cache) by id or path.
+    ``backend="ray"``: each member in its own Ray actor placed by ``member_resources[k]`` on the cluster
+    at ``ray_address`` (see :mod:`langchain_packllm.ray_backend`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
+    if backend == "ray":
+        from langchain_packllm.ray_backend import load_ray_engine
+
+        return load_ray_engine(
+            model_ids, member_resources=member_resources, ray_address=ray_address, device=device,
+            torch_dtype=torch_dtype, model_kwargs=model_kwargs, tokenizer_kwargs=tokenizer_kwargs,
+            names=names, alignment=alignment,
+        )  # fmt: skip
+    if member_resources is not None or ray_address is not None:
+        raise ValueError("member_resources and ray_address apply to backend='ray' only.")
     if isinstance(model_ids, str):
         raise TypeError("model_ids must be a list of ids or paths, not a single string.")
     model_ids = list(model_ids)
@@ -79,7 +101,7 @@ def report_info(output: FusionOutput) -> dict[str, Any]:
 
 # The settings a call may override, beside ``stop`` (which LangChain passes on its own).
 CALL_SETTINGS = (
-    "weighting", "tau", "grid_step", "max_new_tokens", "max_tokens", "temperature", "top_k", "top_p",
+    "weighting", "tau", "grid_step", "reweight_every", "max_new_tokens", "max_tokens", "temperature", "top_k", "top_p",
     "repetition_penalty", "seed",
 )  # fmt: skip
 
@@ -99,6 +121,9 @@ class DecodingSettings(BaseModel):
     """Temperature of the ``sim`` weighting (Eq. 4)."""
     grid_step: PositiveFloat = 0.05
     """Grid step of the ``greedy`` and ``grid`` weightings."""
+    reweight_every: Annotated[int, Field(ge=1)] | None = None
+    """Re-solve the weights every this many tokens on all the text so far (prompt plus answer); None solves
+    them once, on the prompt. With ``optimal``, ``sim`` or ``top1``. The report's ``trajectory`` lists them."""
     max_new_tokens: Annotated[int, Field(ge=0)] = 256
     """Most tokens to generate per prompt (alias: ``max_tokens``)."""
     temperature: NonNegativeFloat = 0.0
@@ -124,6 +149,11 @@ class DecodingSettings(BaseModel):
     @classmethod
     def _one_stop_string(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _online_weighting(self) -> DecodingSettings:
+        check_online(self.weighting, self.reweight_every)
+        return self
 
 
 _SETTING_NAMES = tuple(DecodingSettings.model_fields)
@@ -182,9 +212,16 @@ class PackSettings(DecodingSettings):
         tokenizer_kwargs: dict[str, Any] | None = None,
         names: Sequence[str] | None = None,
         alignment: str = "auto",
+        backend: str = "inprocess",
+        member_resources: Sequence[dict[str, Any]] | None = None,
+        ray_address: str | None = None,
         **fields: Any,
     ):
         """Load each member with ``AutoModelForCausalLM`` / ``AutoTokenizer`` from a hub id or local path.
+
+        ``backend="ray"`` loads each member in its own Ray actor, placed by ``member_resources[k]`` (e.g.
+        ``{"num_gpus": 1}``) on the cluster at ``ray_address`` (None: the running one, else a local one);
+        ``close()`` on the engine ends the actors (see :mod:`langchain_packllm.ray_backend`).
 
         ``trust_remote_code`` stays False unless given in ``model_kwargs`` / ``tokenizer_kwargs``. Loaded
         models are cached per process, so building another instance over them is instant. ``alignment``
@@ -199,6 +236,9 @@ class PackSettings(DecodingSettings):
             tokenizer_kwargs=tokenizer_kwargs,
             names=names,
             alignment=alignment,
+            backend=backend,
+            member_resources=member_resources,
+            ray_address=ray_address,
         )
         return cls(engine=engine, model_ids=list(model_ids), weighting=weighting, **fields)
 
@@ -240,6 +280,7 @@ class PackSettings(DecodingSettings):
             "weighting": self.weighting,
             "tau": self.tau,
             "grid_step": self.grid_step,
+            "reweight_every": self.reweight_every,
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_k": self.top_k,
@@ -274,7 +315,12 @@ class PackSettings(DecodingSettings):
             raise ValueError(f"Invalid setting for {type(self).__name__}: {err}") from None
         if not isinstance(checked.weighting, str):
             weights_lib.check_fixed(checked.weighting, len(self.engine.members))
-        weighting = WeightingConfig(weighting=checked.weighting, tau=checked.tau, grid_step=checked.grid_step)
+        weighting = WeightingConfig(
+            weighting=checked.weighting,
+            tau=checked.tau,
+            grid_step=checked.grid_step,
+            reweight_every=checked.reweight_every,
+        )
         sampling = SamplingConfig(
             max_new_tokens=checked.max_new_tokens,
             temperature=checked.temperature,
@@ -301,6 +347,7 @@ class PackSettings(DecodingSettings):
     def fusion_report(self, prompt: str, **kwargs: Any) -> FusionReport:
         """Weights, perplexities and timing the pack would use for ``prompt`` (no generation).
 
-        Keyword arguments override ``weighting``, ``tau`` and ``grid_step`` for this call.
+        Keyword arguments override ``weighting``, ``tau``, ``grid_step`` and ``reweight_every`` for this
+        call.
         """
         return self.engine.report(prompt, self._settings(None, kwargs)[0])

@@ -23,6 +23,7 @@ from transformers.generation.logits_process import (
 )
 
 from langchain_packllm import weights as weights_lib
+from langchain_packllm.online import check_online
 
 if TYPE_CHECKING:
     from langchain_packllm.reference import Plan
@@ -43,11 +44,17 @@ def _number(name: str, value: Any, *, integer: bool = False, optional: bool = Fa
 
 @dataclass(frozen=True)
 class WeightingConfig:
-    """How the per-prompt weights are chosen (see :mod:`langchain_packllm.weights`)."""
+    """How the per-prompt weights are chosen (see :mod:`langchain_packllm.weights`).
+
+    ``reweight_every=N`` re-solves them every ``N`` tokens on all the text so far (prompt plus generated or
+    already-scored text; see :mod:`langchain_packllm.online`); None (the default) solves them once, on the
+    prompt. It works with the weightings that depend on the text: ``optimal``, ``sim`` and ``top1``.
+    """
 
     weighting: str | tuple[float, ...] = "optimal"
     tau: float = 1.0
     grid_step: float = 0.05
+    reweight_every: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.weighting, str):
@@ -59,6 +66,11 @@ class WeightingConfig:
         weights_lib.check_strategy(self.weighting)
         if self.weighting in ("greedy", "grid"):
             weights_lib._grid_divisions(self.grid_step)
+        every = _number("reweight_every", self.reweight_every, integer=True, optional=True)
+        object.__setattr__(self, "reweight_every", every)
+        if every is not None and every < 1:
+            raise ValueError(f"reweight_every must be a positive number of tokens or None; got {every}.")
+        check_online(self.weighting, every)
 
     @property
     def name(self) -> str:
@@ -160,6 +172,9 @@ class FusionReport:
     reference: str | None = None  # whose tokenizer the prompt was read with (packs of mixed vocabularies)
     approx_tokens: int = 0  # prompt tokens some member could only read through an approximate (MinED) map
     bits_per_byte: dict[str, float] | None = None  # each member on its own tokenization (mixed packs)
+    # With reweight_every: (position, weights) from the prompt's on, each in use from that token on
+    # (positions count the prompt's tokens; ``weights`` above stays the prompt's). None otherwise.
+    trajectory: tuple[tuple[int, dict[str, float]], ...] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

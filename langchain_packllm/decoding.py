@@ -15,6 +15,7 @@ criteria (:class:`StopOnEos`, :class:`StopAtContext`, :class:`StopOnStrings`) wh
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ from transformers import DynamicCache
 
 from langchain_packllm import weights as weights_lib
 from langchain_packllm.config import FusionReport, SamplingConfig, WeightingConfig
+from langchain_packllm.online import OnlineWeights
 from langchain_packllm.reference import Plan, Reference
 from langchain_packllm.scoring import Scorer, last_logprobs
 
@@ -40,6 +42,9 @@ class Solution:
     fused_perplexity: float
     seconds: float
     fallback: str | None
+    positions: int = 0  # prompt positions the weights were solved on
+    gradient: torch.Tensor | None = None  # (K,) ``optimal``: the loss's gradient and Hessian at the weights
+    hessian: torch.Tensor | None = None  # (K, K)
 
 
 def solve(
@@ -57,10 +62,48 @@ def solve(
             w = weights_lib.check_fixed(config.weighting, K)
         ppl = torch.full((K,), float("nan"), dtype=torch.float64)
         return Solution(w, ppl, float("nan"), time.perf_counter() - start, fallback)
+    bad = nonfinite_members(prompt_scores)
+    if bad.any():  # NaN perplexities for those members and no fallback: make_report raises, naming them
+        ppl = torch.where(bad, float("nan"), 1.0).to(torch.float64)
+        return Solution(weights_lib.uniform(K), ppl, float("nan"), time.perf_counter() - start, None)
     s = weights_lib.solve_with_stats(
         config.weighting, prompt_scores, targets, tau=config.tau, grid_step=config.grid_step
     )
-    return Solution(s.weights, s.perplexities, math.exp(s.loss), time.perf_counter() - start, fallback)
+    seconds = time.perf_counter() - start
+    return Solution(s.weights, s.perplexities, math.exp(s.loss), seconds, fallback, T, s.gradient, s.hessian)
+
+
+def start_online(
+    config: WeightingConfig, solutions: Sequence[Solution], positions: Sequence[int]
+) -> OnlineWeights | None:
+    """The call's weights that follow the text (``config.reweight_every``), from its prompt solves; None
+    when off. ``positions[b]``: where row b's first new token sits (its prompt's length)."""
+    if config.reweight_every is None:
+        return None
+    counts = [s.positions for s in solutions]
+    return OnlineWeights.start(
+        config.weighting, config.reweight_every, solutions, counts, positions, tau=config.tau
+    )
+
+
+def with_trajectories(
+    reports: list[FusionReport], online: OnlineWeights | None, names: Sequence[str]
+) -> list[FusionReport]:
+    """The reports with each row's weight trajectory so far (unchanged when the weights do not follow the
+    text)."""
+    if online is None:
+        return reports
+    return [
+        dataclasses.replace(r, trajectory=tuple((p, dict(zip(names, w))) for p, w in online.trajectory[b]))
+        for b, r in enumerate(reports)
+    ]
+
+
+def nonfinite_members(prompt_scores: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` bool: members whose prompt scores ``(K, T, V)`` hold NaN or +inf, or a position where every
+    token is -inf (the scorer raises -inf to the dtype's lowest value, which is checked too). One pass."""
+    top = prompt_scores.amax(dim=-1)  # (K, T): NaN or +inf if any score is; -inf / lowest if all are
+    return ~(top.isfinite() & (top > torch.finfo(top.dtype).min)).all(dim=-1).cpu()
 
 
 def make_report(
@@ -79,7 +122,9 @@ def make_report(
     if bool(ppl.isnan().any()) and solution.fallback is None:
         bad = names[int(ppl.isnan().nonzero()[0])]
         raise FloatingPointError(
-            f"Member {bad!r} produced NaN logits on the prompt; check its weights and dtype."
+            f"Member {bad!r} produced non-finite logits on the prompt (NaN, +inf, or -inf for every token); "
+            "check its weights and dtype (float16 overflow is a common cause: try torch_dtype='bfloat16' or "
+            "'float32')."
         )
     has_ppl = not bool(ppl.isnan().all())
     order = [names[i] for i in torch.argsort(ppl, stable=True).tolist()] if has_ppl else list(names)
@@ -115,9 +160,13 @@ class Mixer:
     unit: int | None  # the one active member, when it has weight 1 in every row: its scores are the mix
 
     @classmethod
-    def build(cls, weights: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Mixer:
-        """``weights`` is ``(B, K)`` on the host."""
-        active = [k for k in range(weights.shape[1]) if bool(weights[:, k].any())]
+    def build(
+        cls, weights: torch.Tensor, device: torch.device, dtype: torch.dtype, keep_all: bool = False
+    ) -> Mixer:
+        """``weights`` is ``(B, K)`` on the host. ``keep_all``: every member is read (and run) even at
+        weight 0, as weights that follow the text need every member's scores."""
+        K = weights.shape[1]
+        active = list(range(K)) if keep_all else [k for k in range(K) if bool(weights[:, k].any())]
         clamp = frozenset(k for k in active if not bool(weights[:, k].all()))
         unit = active[0] if len(active) == 1 and bool((weights[:, active[0]] == 1).all()) else None
         return cls(weights.to(device, dtype), active, clamp, unit)
@@ -299,7 +348,12 @@ class PrefixSteps:
 
 
 def decode_loop(
-    source, plan: Plan, rows: list[Row], sampling: SamplingConfig, track_text: bool = True
+    source,
+    plan: Plan,
+    rows: list[Row],
+    sampling: SamplingConfig,
+    track_text: bool = True,
+    online: OnlineWeights | None = None,
 ) -> Iterator[list[Row]]:
     """The one decode loop: yields the rows after every step until all are done or the budget is spent.
 
@@ -307,6 +361,9 @@ def decode_loop(
     the next). ``track_text=False`` (with no stop sequences) leaves ``row.text`` empty: the caller decodes
     once. Every step costs the active members' cached forwards, the mix, and one host transfer (the chosen
     ids and the NaN flags together); the prompt ids are extended only for logits processors that read them.
+    ``online``: weights that follow the text; each step's scores and chosen tokens are added to it, and
+    every ``online.every`` tokens a row's weights are re-solved and the mix rebuilt (its source's mixer
+    must read every member: ``Mixer.build(..., keep_all=True)``).
     """
     ref = plan.reference
     stopping = Stopping(ref, sampling.stop, track_text)
@@ -321,15 +378,31 @@ def decode_loop(
         next_ids, tokens = choose(
             processors, sequences, source.mixer, scores, sampling, generator, ref, names
         )
-        for row, tok in zip(rows, tokens):
-            if not row.done:
-                stopping.update(row, tok)
+        live = [b for b, row in enumerate(rows) if not row.done]
+        for b in live:
+            stopping.update(rows[b], tokens[b])
         yield rows  # no grad-mode context or lock spans this: a stream may resume on another thread
         if all(r.done for r in rows) or step == sampling.max_new_tokens - 1:
             return
+        if online is not None:
+            _follow(online, source, scores, next_ids, [b for b in live if not rows[b].done])
         if processors:
             sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
         scores = source.advance(next_ids, tokens)
+
+
+def _follow(online: OnlineWeights, source, scores, next_ids: torch.Tensor, rows: list[int]) -> None:
+    """Add one step to the weights that follow the text; re-solve the rows that are due and rebuild the
+    source's mix with their new weights."""
+    if not rows:
+        return
+    index = torch.as_tensor(rows, device=next_ids.device)
+    online.observe([s.index_select(0, index.to(s.device)) for s in scores], next_ids[index], rows)
+    due = [b for b in rows if online.due(b)]
+    if due:
+        online.resolve(due)
+        mixer = source.mixer
+        source.mixer = Mixer.build(online.weights, mixer.weights.device, mixer.weights.dtype, keep_all=True)
 
 
 @torch.inference_mode()
@@ -370,15 +443,11 @@ def raise_bad_scores(
     """Raise a clear error for scores that cannot be decoded from: NaN or +inf in a member's scores, or a
     row where every token is ruled out."""
     for name, s in zip(names, scores):
-        if s is not None and bool((s.isnan() | s.isposinf()).any()):
+        if s is not None and bool((s.isnan() | s.isposinf()).any() | s.isneginf().all(dim=-1).any()):
             raise FloatingPointError(
-                f"Member {name!r} produced NaN logits; check its weights and dtype (float16 overflow is a "
-                "common cause: try torch_dtype='bfloat16' or 'float32')."
-            )
-    for name, s in zip(names, scores):
-        if s is not None and bool(s.isneginf().all(dim=-1).any()):
-            raise FloatingPointError(
-                f"Member {name!r} produced -inf for every token; check its weights and dtype."
+                f"Member {name!r} produced non-finite logits while decoding (NaN, +inf, or -inf for every "
+                "token); check its weights and dtype (float16 overflow is a common cause: try "
+                "torch_dtype='bfloat16' or 'float32')."
             )
     if all_minus_inf:
         raise FloatingPointError(

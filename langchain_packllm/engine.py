@@ -58,6 +58,8 @@ from langchain_packllm.decoding import (
     decode_loop,
     make_report,
     solve,
+    start_online,
+    with_trajectories,
 )
 from langchain_packllm.members import Member
 from langchain_packllm.reference import (
@@ -246,7 +248,7 @@ class FusionEngine:
             return self._prefix_prefill(plan, config)
         pre = self.scorer.prefill(ref, plan.ids, use_cache=use_cache)
         L = pre.input_ids.shape[1]
-        rows_w, reports = [], []
+        solutions, reports = [], []
         for b, ids in enumerate(plan.ids):
             first = L - len(ids)
             # the span every member predicts: not the first text token when some member reads no BOS
@@ -266,11 +268,12 @@ class FusionEngine:
                     bits_per_byte=plan.bits_per_byte[b],
                 )  # fmt: skip
             )
-            rows_w.append(solution.weights)
+            solutions.append(solution)
         self.scorer.recycle(pre.scores)  # decoding needs only the caches and the last logits
         pre.scores = None
-        mixer = Mixer.build(torch.stack(rows_w), self.mix_device, pre.last.dtype)
-        return reports, (lambda: CachedSteps(self.scorer, plan, pre, mixer))
+        weights = torch.stack([s.weights for s in solutions])
+        mixer = Mixer.build(weights, self.mix_device, pre.last.dtype, keep_all=_follows(config))
+        return reports, solutions, (lambda: CachedSteps(self.scorer, plan, pre, mixer))
 
     def _prefix_prefill(self, plan: Plan, config: WeightingConfig):
         """Weights for one prompt under ``alignment="prefix"``: every member reads its own tokens and its
@@ -292,10 +295,10 @@ class FusionEngine:
             solution, self.names, config, prompt_tokens=len(r_enc.ids), truncated=truncated, reference=ref,
             bits_per_byte=plan.bits_per_byte[0],
         )  # fmt: skip
-        mixer = Mixer.build(solution.weights[None], self.mix_device, lp.dtype)
+        mixer = Mixer.build(solution.weights[None], self.mix_device, lp.dtype, keep_all=_follows(config))
         if truncated:
             plan = dataclasses.replace(plan, prompts=(prompt,))
-        return [report], (lambda: PrefixSteps(self.scorer, plan, r_enc.ids, mixer))
+        return [report], [solution], (lambda: PrefixSteps(self.scorer, plan, r_enc.ids, mixer))
 
     def _fit_text(self, text: str, reserve: int) -> tuple[str, bool]:
         """Under ``alignment="prefix"`` every member reads the text with its own tokens: keep the tail of the
@@ -338,13 +341,17 @@ class FusionEngine:
         ``max_new_tokens == 0``, else after every step. ``track_text=False`` (with no stop sequences) leaves
         ``row.text`` empty: decode the ids once at the end."""
         weighting, sampling = weighting or WeightingConfig(), sampling or SamplingConfig()
-        reports, start = self._prefill(plan, weighting, use_cache=sampling.max_new_tokens > 0)
+        reports, solutions, start = self._prefill(plan, weighting, use_cache=sampling.max_new_tokens > 0)
         limit = self._context_limit(plan.reference)
         rows = [Row(budget=None if limit is None else limit - r.prompt_tokens) for r in reports]
+        online = start_online(weighting, solutions, [r.prompt_tokens for r in reports])
         if sampling.max_new_tokens == 0:
-            yield rows, reports
+            yield rows, with_trajectories(reports, online, self.names)
             return
-        for stepped in decode_loop(start(), plan, rows, sampling, track_text):
+        resolved = -1
+        for stepped in decode_loop(start(), plan, rows, sampling, track_text, online):
+            if online is not None and online.solves != resolved:  # rebuilt only when the weights moved
+                resolved, reports = online.solves, with_trajectories(reports, online, self.names)
             yield stepped, reports
 
     def _context_limit(self, ref: Reference) -> int | None:
@@ -437,8 +444,9 @@ class FusionEngine:
         """The weights and perplexities the pack would use for ``prompt`` (prefill only, no decoding)."""
         weighting = weighting or WeightingConfig()
         ((_, plan),) = self.plan([prompt], 0, reference)
-        reports, _ = self._prefill(plan, weighting, use_cache=False)
-        return reports[0]
+        reports, solutions, _ = self._prefill(plan, weighting, use_cache=False)
+        online = start_online(weighting, solutions, [r.prompt_tokens for r in reports])
+        return with_trajectories(reports, online, self.names)[0]
 
     def loglikelihood(
         self, requests: Sequence[tuple[str, str]], weighting: WeightingConfig | None = None
@@ -485,13 +493,23 @@ class FusionEngine:
             solution, self.names, weighting, prompt_tokens=n_ctx, reference=ref,
             approx_tokens=ref.approx_count(ids[:n_ctx]), bits_per_byte=bpb,
         )  # fmt: skip
-        fused = torch.einsum("k,ktv->tv", solution.weights.to(lp), lp[:, n_ctx - 1 : -1])  # (C, V)
-        fused = torch.log_softmax(fused.double(), dim=-1)
         cont = ids[n_ctx:]
+        online = start_online(weighting, [solution], [n_ctx])
+        if online is None:
+            fused = torch.einsum("k,ktv->tv", solution.weights.to(lp), lp[:, n_ctx - 1 : -1])  # (C, V)
+            fused = torch.log_softmax(fused.double(), dim=-1)
+        else:  # each block of reweight_every tokens with the weights solved on the text before it
+            fused = online.fused_logprobs(lp[:, n_ctx - 1 : -1], cont)
+            report = with_trajectories([report], online, self.names)[0]
         logprob = float(fused.gather(-1, cont.view(-1, 1)).sum())
         is_greedy = bool((fused.argmax(-1) == cont).all())
         self.scorer.recycle(pre.scores)
         return LoglikelihoodResult(logprob, is_greedy, report)
+
+
+def _follows(config: WeightingConfig) -> bool:
+    """Whether a call's weights follow the text (then decoding reads every member at every step)."""
+    return config.reweight_every is not None
 
 
 def _check_model_fits_tokenizer(m: Member) -> None:

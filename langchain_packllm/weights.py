@@ -682,11 +682,15 @@ def check_strategy(weighting: str | Sequence[float], num_members: int | None = N
 @dataclass
 class Solution:
     """A solved prompt: the weights ``(K,)``, each member's perplexity ``(K,)`` (both float64, CPU), and
-    Eq. 3's loss at the weights (``exp(loss)`` is the fused prompt perplexity)."""
+    Eq. 3's loss at the weights (``exp(loss)`` is the fused prompt perplexity). ``optimal`` also gives the
+    loss's gradient ``(K,)`` and Hessian ``(K, K)`` at the weights (mean over the prompt's positions), which
+    weights that follow the text start from (:mod:`langchain_packllm.online`)."""
 
     weights: torch.Tensor
     perplexities: torch.Tensor
     loss: float
+    gradient: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
 
 
 def solve(
@@ -723,7 +727,7 @@ def _solve(weighting, scores, targets, tau, grid_step, *, with_loss: bool) -> So
     ppl = perplexities(scores, targets)  # (K,)
     if bool(ppl.isnan().any()):  # NaN scores: nothing to solve; the caller names the member
         return Solution(uniform(K), ppl, float("nan"))
-    loss = None
+    loss, grad, hess = None, None, None
     if not isinstance(weighting, str):
         w = check_fixed(weighting, K)
     elif weighting == "uniform":
@@ -738,7 +742,7 @@ def _solve(weighting, scores, targets, tau, grid_step, *, with_loss: bool) -> So
     elif weighting == "grid":
         w, loss = _grid(scores, targets, grid_step, ppl)
     else:
-        w, loss = _optimal(scores, targets, ppl)
+        w, loss, grad, hess = _optimal_state(scores, targets, ppl)
     if loss is None and with_loss:
         loss = prompt_loss(w, scores, targets)
-    return Solution(w, ppl, float("nan") if loss is None else loss)
+    return Solution(w, ppl, float("nan") if loss is None else loss, grad, hess)

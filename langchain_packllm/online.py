@@ -1,0 +1,210 @@
+"""Weights that follow the text: re-solved every ``N`` tokens on everything read so far.
+
+PackLLM solves the weights once, on the prompt. With ``reweight_every=N`` they are solved again after every
+``N`` generated (or scored) tokens, on the prompt *and* the text since, so a long answer that drifts from
+code to prose moves its weight to the members that now predict it best. The score of a token only ever
+uses weights solved on the tokens before it (causal: changing a later token changes no earlier score).
+
+What is kept, per row (prompt), is bounded and does not grow with the text: Eq. 3's objective on the text so
+far, ``F(w) = sum_i f_i(w)`` with ``f_i(w) = logsumexp_v(sum_k w_k s_kiv) - sum_k w_k s_ki,x_i``, as its
+second-order model. Position ``i`` adds ``f_i``'s gradient ``g_i`` and Hessian ``H_i`` at the weights ``w_i``
+it was read with (the prompt adds its own at its optimum, from the prompt solve), so
+
+    F(w) ~ const + b.w + w^T A w / 2,   b = sum_i (g_i - H_i w_i),   A = sum_i H_i   (A is PSD: F is convex)
+
+and a re-solve minimises that quadratic over the simplex (the active-set method of
+:func:`~langchain_packllm.weights._simplex_qp`, on ``K``-sized arrays: microseconds, no pass over scores),
+warm-started from the current weights. The state is ``K * K + K + 2`` floats per row, plus each member's
+negative log-likelihood so far (``K`` floats), from which ``sim`` and ``top1`` re-solve exactly. Per token
+the update costs one pass over the ``K`` rows of scores (``O(K^2 V)``), about what the mix itself costs.
+
+The model is exact at the points it was expanded at; it is an approximation elsewhere (the exact
+re-solve would keep every position's ``(K, V)`` scores, which grows with the text). ``docs/RESULTS.md``
+measures how close its weights come to the exact optimum on the text so far.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from langchain_packllm import weights as weights_lib
+
+__all__ = ["ONLINE_STRATEGIES", "OnlineWeights", "check_online"]
+
+ONLINE_STRATEGIES = ("optimal", "sim", "top1")
+
+# Scores are clamped here before the statistics (float64): -inf (a member ruling a token out) would give
+# 0 * inf = NaN in the moments; a finite stand-in of this size keeps every product finite.
+_FLOOR = -1e30
+_BLOCK_ELEMENTS = 1 << 22  # float64 elements of one block of scores in observe (32 MiB)
+
+
+def check_online(weighting, every: int | None) -> None:
+    """A clear error when ``reweight_every`` is set with a weighting that cannot follow the text."""
+    if every is None:
+        return
+    if isinstance(weighting, str) and weighting in ONLINE_STRATEGIES:
+        return
+    name = weighting if isinstance(weighting, str) else "fixed weights"
+    raise ValueError(
+        f"reweight_every={every} re-solves the weights on the text as it grows, which {name!r} cannot do; "
+        f"use weighting={' or '.join(repr(s) for s in ONLINE_STRATEGIES)}, or leave reweight_every=None."
+    )
+
+
+class OnlineWeights:
+    """The weights of ``B`` rows (prompts) re-solved every ``every`` tokens; see the module docstring.
+
+    Built from each row's prompt solve (:meth:`start`). A decode step calls :meth:`observe` with the scores
+    the step mixed and the tokens it chose, then :meth:`resolve` when ``every`` tokens have passed;
+    scoring a known continuation calls :meth:`fused_logprobs`, which does both. ``trajectory[b]`` lists
+    ``(position, weights)``: the weights in use from that token on (positions count the prompt's tokens).
+    The object belongs to one call: nothing in it is shared.
+    """
+
+    def __init__(
+        self,
+        weighting: str,
+        every: int,
+        weights: torch.Tensor,
+        counts: Sequence[int],
+        nll: torch.Tensor,
+        linear: torch.Tensor,
+        hess: torch.Tensor,
+        positions: Sequence[int],
+        tau: float = 1.0,
+    ):
+        check_online(weighting, every)
+        self.weighting, self.every, self.tau = weighting, int(every), float(tau)
+        self.weights = weights.double().clone()  # (B, K)
+        self.counts = list(counts)  # positions read so far, per row
+        self.nll = nll.double().clone()  # (B, K) each member's -log-likelihood so far
+        self.linear = linear.double().clone()  # (B, K)   b
+        self.hess = hess.double().clone()  # (B, K, K)  A
+        self.positions = list(positions)  # the next position of each row
+        self.seen = [0] * len(self.counts)  # tokens observed since the prompt
+        self.solves = 0  # re-solves so far (any row)
+        self.trajectory = [[(p, w)] for p, w in zip(self.positions, self.weights.tolist())]
+
+    @classmethod
+    def start(
+        cls,
+        weighting: str,
+        every: int,
+        solutions: Sequence[weights_lib.Solution],
+        counts: Sequence[int],
+        positions: Sequence[int],
+        tau: float = 1.0,
+    ) -> OnlineWeights:
+        """From each row's prompt solve: its weights, perplexities and (``optimal``) the gradient and
+        Hessian at the optimum, over ``counts[b]`` prompt positions; ``positions[b]`` is where the row's
+        first new token sits."""
+        K = solutions[0].weights.shape[0]
+        B = len(solutions)
+        nll = torch.zeros(B, K, dtype=torch.float64)
+        linear = torch.zeros(B, K, dtype=torch.float64)
+        hess = torch.zeros(B, K, K, dtype=torch.float64)
+        for b, (sol, n) in enumerate(zip(solutions, counts)):
+            if n == 0 or bool(sol.perplexities.isnan().any()):
+                continue  # no prompt statistics (a fallback): the text alone will decide
+            nll[b] = n * torch.log(sol.perplexities.double())
+            if sol.gradient is not None and sol.hessian is not None:
+                w, g, H = sol.weights.double(), sol.gradient.double(), sol.hessian.double()
+                linear[b] = n * (g - H @ w)
+                hess[b] = n * H
+        counts = [n if not bool(s.perplexities.isnan().any()) else 0 for s, n in zip(solutions, counts)]
+        weights = torch.stack([s.weights.double() for s in solutions])
+        return cls(weighting, every, weights, counts, nll, linear, hess, positions, tau)
+
+    # ------------------------------------------------------------------ statistics
+
+    @torch.inference_mode()
+    def observe(self, scores: Sequence[torch.Tensor], targets: torch.Tensor, rows: Sequence[int]) -> None:
+        """Add positions read with the rows' current weights: ``scores`` are the ``K`` members' scores
+        ``(P, V)`` (logits or log-probs; per-row shifts do not matter), ``targets`` ``(P,)`` the tokens
+        that followed, ``rows[p]`` the row position ``p`` belongs to."""
+        if len(rows) == 0:
+            return
+        K, V = len(scores), scores[0].shape[-1]
+        step = max(1, _BLOCK_ELEMENTS // (K * V))  # positions per block: bounded float64 temporaries
+        for start in range(0, len(rows), step):
+            block = [x[start : start + step] for x in scores]
+            self._observe(block, targets[start : start + step], list(rows[start : start + step]))
+        for b in rows:
+            self.counts[b] += 1
+            self.seen[b] += 1
+            self.positions[b] += 1
+
+    def _observe(self, scores: Sequence[torch.Tensor], targets: torch.Tensor, rows: list[int]) -> None:
+        device = scores[0].device
+        s = torch.stack([x.to(device, torch.float64) for x in scores]).clamp_min_(_FLOOR)  # (K, P, V)
+        K, P, V = s.shape
+        idx = torch.as_tensor(rows)
+        y = targets.to(device).view(1, P, 1).expand(K, P, 1)
+        s_x = s.gather(-1, y).squeeze(-1)  # (K, P)
+        nll = (torch.logsumexp(s, -1) - s_x).T  # (P, K) each member's own -log p(x)
+        self.nll.index_add_(0, idx, nll.cpu())
+        if self.weighting != "optimal":
+            return
+        w = self.weights[idx].to(device)  # (P, K)
+        fused = torch.einsum("pk,kpv->pv", w, s)  # (P, V)
+        p = torch.softmax(fused, dim=-1)
+        sp = s.transpose(0, 1)  # (P, K, V)
+        ps = sp * p[:, None, :]  # (P, K, V)
+        mean = ps.sum(-1)  # (P, K)   E_p[s_k]
+        H = torch.bmm(ps, sp.transpose(1, 2)) - mean[:, :, None] * mean[:, None, :]  # (P, K, K) Cov_p
+        g = mean - s_x.T  # (P, K)
+        Hw = torch.bmm(H, w[:, :, None]).squeeze(-1)  # (P, K)
+        self.linear.index_add_(0, idx, (g - Hw).cpu())
+        self.hess.index_add_(0, idx, H.cpu())
+
+    def due(self, b: int) -> bool:
+        """Whether row ``b`` has read ``every`` tokens since its last solve."""
+        return self.seen[b] > 0 and self.seen[b] % self.every == 0
+
+    def resolve(self, rows: Sequence[int]) -> None:
+        """Re-solve the weights of ``rows`` on their text so far (warm-started from the current ones) and
+        record them in the trajectory."""
+        for b in rows:
+            n = self.counts[b]
+            if n == 0:
+                continue
+            w = self.weights[b]
+            if self.weighting == "optimal":
+                A = self.hess[b] / n
+                A = (A + A.T) / 2  # symmetric up to rounding
+                grad = self.linear[b] / n + A @ w
+                new = weights_lib._simplex_qp(w, grad, A)
+            else:
+                ppl = torch.exp(self.nll[b] / n)
+                new = weights_lib.top1(ppl) if self.weighting == "top1" else weights_lib.sim(ppl, self.tau)
+            self.weights[b] = new
+            self.trajectory[b].append((self.positions[b], new.tolist()))
+            self.solves += 1
+
+    # ------------------------------------------------------------------ scoring a known continuation
+
+    @torch.inference_mode()
+    def fused_logprobs(self, scores: torch.Tensor, targets: torch.Tensor, row: int = 0) -> torch.Tensor:
+        """Fused log-probs ``(C, V)`` of a known continuation of row ``row``: ``scores`` ``(K, C, V)``,
+        position ``c`` predicting ``targets[c]``. Each block of ``every`` positions is read with the weights
+        solved on everything before it, exactly as decoding those tokens would."""
+        K, C, V = scores.shape
+        if targets.shape != (C,):
+            raise ValueError(
+                f"fused_logprobs: {C} positions of scores but targets of shape {tuple(targets.shape)}."
+            )
+        out = torch.empty(C, V, dtype=torch.float64, device=scores.device)
+        c = 0
+        while c < C:
+            n = min(C - c, self.every - self.seen[row] % self.every)
+            block = scores[:, c : c + n]  # (K, n, V)
+            w = self.weights[row].to(block)
+            out[c : c + n] = torch.log_softmax(torch.einsum("k,knv->nv", w, block).double(), dim=-1)
+            self.observe(list(block.unbind(0)), targets[c : c + n], [row] * n)
+            if self.due(row):
+                self.resolve([row])
+            c += n
+        return out

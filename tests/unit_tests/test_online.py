@@ -1,0 +1,351 @@
+"""Weights that follow the text (``reweight_every``) against a naive decoder written plainly here: every
+member re-run on the whole sequence at every step, each position's second-order model of Eq. 3 kept in a
+list, and the quadratic minimised over the simplex by trying every support (no active set, no warm start).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from langchain_packllm import ChatPackLLM, FusionEngine, PackLLM, SamplingConfig, WeightingConfig
+from langchain_packllm import weights as W
+from langchain_packllm.alignment import MinEDMap
+from langchain_packllm.members import load_member
+from langchain_packllm.online import OnlineWeights
+from langchain_packllm.testing import make_tiny_model, stdlib_text, train_metaspace_tokenizer
+from tests.naive import mined_cols
+
+PROMPTS = ["def main(argv):\n    return", "import os\nimport sys\n", "The value of x is"]
+
+
+@pytest.fixture(scope="module")
+def members64(tiny_paths):
+    return [load_member(p, torch_dtype="float64", device="cpu") for p in tiny_paths]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PACKLLM_HOME", str(tmp_path_factory.mktemp("packllm-home")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def mixed64(tmp_path_factory, tiny_paths, home):
+    """A byte-level BPE GPT-2 member (the shared tiny pack's) and a Metaspace BPE Llama member."""
+    root = tmp_path_factory.mktemp("mixed-online")
+    tok = train_metaspace_tokenizer(stdlib_text(200_000), vocab_size=300)
+    make_tiny_model("llama", tok, seed=5).save_pretrained(root / "llama-sp")
+    tok.save_pretrained(root / "llama-sp")
+    return [load_member(p, torch_dtype="float64", device="cpu") for p in (tiny_paths[0], root / "llama-sp")]
+
+
+# ---------------------------------------------------------------------------------------------- naive
+
+
+_MAPS: dict = {}
+
+
+def _mined(src, dst) -> MinEDMap:
+    key = (id(src), id(dst))
+    if key not in _MAPS:
+        _MAPS[key] = MinEDMap.from_tokenizers(src, dst)
+    return _MAPS[key]
+
+
+def member_logprobs(members, ref: int, ids: list[int]) -> torch.Tensor:
+    """``(K, L, V_ref)``: every member's log-probs over the reference vocabulary at every position of the
+    reference ids (a member of another vocabulary reads them through MinED and is gathered back)."""
+    ref_tok = members[ref].tokenizer
+    out = []
+    with torch.no_grad():
+        for m in members:
+            if m.tokenizer.get_vocab() == ref_tok.get_vocab():
+                logits = m.model(input_ids=torch.tensor([ids])).logits[0].double()[:, : len(ref_tok)]
+            else:
+                mined = _mined(ref_tok, m.tokenizer)
+                inp = [int(mined.ids[i]) for i in ids]
+                logits = mined_cols(m.model(input_ids=torch.tensor([inp])).logits[0].double(), mined)
+            out.append(torch.log_softmax(logits, -1))
+    return torch.stack(out)
+
+
+def quadratic(lp: torch.Tensor, y: int, w: torch.Tensor):
+    """One position's loss ``f(w) = logsumexp(sum_k w_k lp_k) - sum_k w_k lp_k[y]``: its value, gradient
+    and Hessian at ``w`` (``lp`` is ``(K, V)``)."""
+    fused = w @ lp
+    p = torch.softmax(fused, -1)
+    mean = lp @ p
+    second = (lp * p) @ lp.T
+    return float(torch.logsumexp(fused, -1) - w @ lp[:, y]), mean - lp[:, y], second - torch.outer(mean, mean)
+
+
+def simplex_qp_by_supports(terms) -> torch.Tensor:
+    """argmin over the simplex of ``sum_i f_i + g_i.(w - w_i) + (w - w_i)^T H_i (w - w_i) / 2``: the
+    equality-constrained minimum on every support, kept when feasible; the lowest wins."""
+    K = terms[0][1].shape[0]
+    A = sum(H for _, _, H, _ in terms)
+    b = sum(g - H @ wi for _, g, H, wi in terms)
+
+    def value(w):
+        return float(b @ w + 0.5 * w @ A @ w)
+
+    best, best_w = float("inf"), None
+    for size in range(1, K + 1):
+        for support in itertools.combinations(range(K), size):
+            S = list(support)
+            kkt = torch.zeros(size + 1, size + 1, dtype=torch.float64)
+            kkt[:size, :size] = A[S][:, S]
+            kkt[:size, size] = kkt[size, :size] = 1.0
+            rhs = torch.cat([-b[S], torch.ones(1, dtype=torch.float64)])
+            sol = torch.linalg.lstsq(kkt, rhs).solution
+            w = torch.zeros(K, dtype=torch.float64)
+            w[S] = sol[:size]
+            if bool((w >= -1e-12).all()) and value(w.clamp_min(0)) < best - 1e-15:
+                best, best_w = value(w.clamp_min(0)), w.clamp_min(0) / w.clamp_min(0).sum()
+    return best_w
+
+
+def naive_online_greedy(members, ref: int, prompt: str, n: int, every: int):
+    """Greedy decoding with the weights re-solved every ``every`` tokens on the prompt and the text since:
+    the prompt's weights by ``weights.solve``; then each position's quadratic, expanded at the weights it
+    was read with, minimised over the simplex. Returns the tokens and the weights in use at each token."""
+    tok = members[ref].tokenizer
+    ids = list(tok(prompt)["input_ids"])
+    lp = member_logprobs(members, ref, ids)
+    y = torch.tensor(ids[1:])
+    w = W.solve("optimal", lp[:, :-1], y)
+    terms = []
+    for i in range(len(ids) - 1):
+        f, g, H = quadratic(lp[:, i], ids[i + 1], w)
+        terms.append((f, g, H, w))
+    out, used = [], []
+    for t in range(n):
+        last = member_logprobs(members, ref, ids)[:, -1]  # (K, V)
+        nxt = int(torch.argmax(w @ last))
+        used.append(w)
+        if nxt == tok.eos_token_id:
+            break
+        f, g, H = quadratic(last, nxt, w)
+        terms.append((f, g, H, w))
+        out.append(nxt)
+        ids.append(nxt)
+        if (t + 1) % every == 0:
+            w = simplex_qp_by_supports(terms)
+    return out, used
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_online_greedy_equals_naive_decoder_shared_vocabulary(members64, every: int) -> None:
+    engine = FusionEngine(members64)
+    config = WeightingConfig("optimal", reweight_every=every)
+    for prompt in PROMPTS:
+        out = engine.generate([prompt], config, SamplingConfig(max_new_tokens=10))[0]
+        want, used = naive_online_greedy(members64, 0, prompt, 10, every)
+        assert out.token_ids == want, prompt
+        traj = out.report.trajectory
+        prompt_len = out.report.prompt_tokens
+        assert traj[0][0] == prompt_len
+        assert list(traj[0][1].values()) == pytest.approx(list(out.report.weights.values()))
+        for position, weights in traj:  # the weights in use from each position on are the naive ones
+            t = position - prompt_len
+            if t < len(used):
+                assert list(weights.values()) == pytest.approx(used[t].tolist(), abs=1e-6), (prompt, t)
+        assert [p for p, _ in traj] == [prompt_len + t for t in range(0, len(want), every)][: len(traj)]
+
+
+@pytest.mark.parametrize("ref", [0, 1])
+def test_online_greedy_equals_naive_decoder_mined_reference_not_first(mixed64, ref: int) -> None:
+    engine = FusionEngine(mixed64)
+    assert engine.alignment == "mined"
+    config = WeightingConfig("optimal", reweight_every=2)
+    for prompt in PROMPTS:
+        out = engine.generate(
+            [prompt], config, SamplingConfig(max_new_tokens=8), reference=engine.reference(ref)
+        )[0]
+        want, _ = naive_online_greedy(mixed64, ref, prompt, 8, 2)
+        assert out.token_ids == want, (ref, prompt)
+        assert len(out.report.trajectory) > 1
+
+
+@pytest.mark.parametrize("alignment", ["none", "mined", "prefix"])
+def test_online_longer_than_the_text_equals_prompt_only_exactly(members64, mixed64, alignment) -> None:
+    members = members64 if alignment == "none" else mixed64
+    engine = FusionEngine(members, alignment=alignment)
+    sampling = SamplingConfig(max_new_tokens=8)
+    for prompt in PROMPTS:
+        ref = engine.reference(len(members) - 1)  # the reference member is not the first
+        plain = engine.generate([prompt], WeightingConfig("optimal"), sampling, reference=ref)[0]
+        online = engine.generate(
+            [prompt], WeightingConfig("optimal", reweight_every=9), sampling, reference=ref
+        )[0]
+        assert online.token_ids == plain.token_ids and online.text == plain.text
+        assert online.report.weights == plain.report.weights
+        assert [p for p, _ in online.report.trajectory] == [plain.report.prompt_tokens]
+        assert plain.report.trajectory is None
+
+
+@pytest.mark.parametrize("alignment", ["none", "mined", "prefix"])
+@pytest.mark.parametrize("weighting", ["optimal", "sim", "top1"])
+def test_online_stream_equals_invoke_and_weights_move(members64, mixed64, alignment, weighting) -> None:
+    members = members64 if alignment == "none" else mixed64
+    engine = FusionEngine(members, alignment=alignment)
+    config = WeightingConfig(weighting, reweight_every=2)
+    sampling = SamplingConfig(max_new_tokens=10)
+    moved = False
+    for prompt in PROMPTS:
+        ref = engine.reference(len(members) - 1)
+        out = engine.generate([prompt], config, sampling, reference=ref)[0]
+        chunks = list(engine.stream(prompt, config, sampling, reference=ref))
+        assert "".join(c.text for c in chunks) == out.text
+        last = chunks[-1].output
+        assert last.token_ids == out.token_ids and last.report.trajectory == out.report.trajectory
+        traj = out.report.trajectory
+        assert len(traj) == 1 + (len(out.token_ids) - 1) // 2 or out.finish_reason == "stop"
+        for _, weights in traj:
+            assert sum(weights.values()) == pytest.approx(1.0) and min(weights.values()) >= 0
+        moved |= any(t[1] != traj[0][1] for t in traj)
+    if weighting != "top1":  # top1 may rightly keep its member
+        assert moved  # the weights do follow the text somewhere
+
+
+def test_online_batch_equals_one_by_one(members64) -> None:
+    engine = FusionEngine(members64)
+    config = WeightingConfig("optimal", reweight_every=3)
+    sampling = SamplingConfig(max_new_tokens=10)
+    batch = engine.generate(PROMPTS, config, sampling)
+    for prompt, out in zip(PROMPTS, batch):
+        alone = engine.generate([prompt], config, sampling)[0]
+        assert out.token_ids == alone.token_ids
+        assert len(out.report.trajectory) == len(alone.report.trajectory)
+        for (p, a), (q, b) in zip(out.report.trajectory, alone.report.trajectory):
+            assert p == q and list(a.values()) == pytest.approx(list(b.values()), abs=1e-6)
+
+
+def test_zero_weight_members_are_read_when_the_weights_follow_the_text(members64) -> None:
+    """Prompt-only decoding skips a member at weight 0; online weights may give it weight later, so every
+    member is scored at every step (top1 starts with two members at 0)."""
+    engine = FusionEngine(members64)
+    calls = {k: 0 for k in range(3)}
+    original = engine.scorer.step
+
+    def counting(ref, ids, mask, positions, caches, active, views):
+        for k in active:
+            calls[k] += 1
+        return original(ref, ids, mask, positions, caches, active, views)
+
+    engine.scorer.step = counting
+    engine.generate([PROMPTS[0]], WeightingConfig("top1", reweight_every=2), SamplingConfig(max_new_tokens=6))
+    assert calls[0] == calls[1] == calls[2] > 0
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def test_scoring_is_causal_and_equals_the_naive_schedule(members64) -> None:
+    """Changing a later token changes no earlier token's score; each block of ``every`` tokens is scored
+    with the weights the naive decoder would use there."""
+    engine = FusionEngine(members64)
+    text = "import os\nimport sys\n\ndef main(argv):\n    return argv[0]\n"
+    ids = engine.encode(text)
+    pre = engine.score([ids])
+    scores = pre.scores[:, 0].double()  # (K, L, V)
+    engine.scorer.recycle(pre.scores)
+    y = torch.tensor(ids[1:])
+    n_ctx, every = 6, 4
+    sol = W.solve_with_stats("optimal", scores[:, : n_ctx - 1], y[: n_ctx - 1])
+
+    def run(targets):  # the fused distributions (C, V) at every position of the continuation
+        online = OnlineWeights.start("optimal", every, [sol], [n_ctx - 1], [n_ctx])
+        return online.fused_logprobs(scores[:, n_ctx - 1 : -1], targets)
+
+    cont = y[n_ctx - 1 :]
+    dist = run(cont)
+    for j in (3, 7, 10):
+        changed = cont.clone()
+        changed[j] = (changed[j] + 1) % scores.shape[-1]
+        other = run(changed)
+        solved_after = (j // every + 1) * every  # the first position whose weights saw token j
+        assert torch.equal(other[:solved_after], dist[:solved_after]), j
+        assert not torch.equal(other[solved_after:], dist[solved_after:]), j
+    base = dist.gather(-1, cont[:, None])[:, 0]
+    # the naive schedule: weights re-solved on every position so far, every `every` tokens
+    lp = torch.log_softmax(scores, -1)
+    w = sol.weights
+    terms = [(*quadratic(lp[:, i], int(y[i]), w), w) for i in range(n_ctx - 1)]
+    for c in range(len(cont)):
+        i = n_ctx - 1 + c
+        want = float(torch.log_softmax(w @ scores[:, i], -1)[y[i]])
+        assert float(base[c]) == pytest.approx(want, abs=1e-6), c
+        terms.append((*quadratic(lp[:, i], int(y[i]), w), w))
+        if (c + 1) % every == 0:
+            w = simplex_qp_by_supports(terms)
+
+
+@pytest.mark.parametrize("alignment", ["none", "mined"])
+def test_loglikelihood_online(members64, mixed64, alignment) -> None:
+    members = members64 if alignment == "none" else mixed64
+    engine = FusionEngine(members, alignment=alignment)
+    context, cont = "import os\nimport", " sys\nimport re\nimport json\n"
+    plain = engine.loglikelihood([(context, cont)])[0]
+    long = engine.loglikelihood([(context, cont)], WeightingConfig("optimal", reweight_every=100))[0]
+    assert long.logprob == plain.logprob and long.report.weights == plain.report.weights
+    online = engine.loglikelihood([(context, cont)], WeightingConfig("optimal", reweight_every=2))[0]
+    assert online.logprob != plain.logprob and online.logprob < 0
+    assert len(online.report.trajectory) > 1
+
+
+def test_scoring_the_decoded_text_follows_the_same_weights(members64) -> None:
+    """The decoder's own tokens, scored with the same setting, are each the argmax of the fused scores,
+    and the weight trajectory is the decoder's."""
+    engine = FusionEngine(members64)
+    every = 2
+    for prompt in PROMPTS:
+        out = engine.generate(
+            [prompt], WeightingConfig("optimal", reweight_every=every), SamplingConfig(max_new_tokens=12)
+        )[0]
+        ids = engine.encode(prompt)
+        pre = engine.score([ids + out.token_ids])
+        scores, n = pre.scores[:, 0], len(ids)
+        y = torch.tensor(ids + out.token_ids)
+        sol = W.solve_with_stats("optimal", scores[:, : n - 1], y[1:n])
+        online = OnlineWeights.start("optimal", every, [sol], [n - 1], [n])
+        gen = y[n:]
+        fused = online.fused_logprobs(scores[:, n - 1 : -1], gen)
+        engine.scorer.recycle(pre.scores)
+        assert fused.argmax(-1).tolist() == out.token_ids, prompt
+        assert [p for p, _ in out.report.trajectory] == [p for p, _ in online.trajectory[0]][
+            : len(out.report.trajectory)
+        ]
+        for (_, a), (_, b) in zip(out.report.trajectory, online.trajectory[0]):
+            assert list(a.values()) == pytest.approx(b, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+def test_settings_are_checked_and_travel_per_call(tiny_paths) -> None:
+    with pytest.raises(ValueError, match="reweight_every"):
+        WeightingConfig("uniform", reweight_every=4)
+    with pytest.raises(ValueError, match="reweight_every"):
+        WeightingConfig("optimal", reweight_every=0)
+    with pytest.raises(TypeError, match="reweight_every"):
+        WeightingConfig("optimal", reweight_every=2.5)
+    with pytest.raises(ValueError, match="reweight_every"):
+        PackLLM.from_model_ids(tiny_paths, device="cpu", weighting="greedy", reweight_every=4)
+    llm = PackLLM.from_model_ids(tiny_paths, device="cpu", max_new_tokens=6)
+    info = llm.generate(["import os"], reweight_every=2).generations[0][0].generation_info
+    assert len(info["trajectory"]) >= 2
+    assert llm.generate(["import os"]).generations[0][0].generation_info["trajectory"] is None
+    report = llm.fusion_report("import os", reweight_every=2)
+    assert report.trajectory == ((report.prompt_tokens, report.weights),)
+    chat = ChatPackLLM.from_model_ids(tiny_paths, device="cpu", max_new_tokens=6, reweight_every=2)
+    msg = chat.invoke("hello")
+    assert len(msg.response_metadata["trajectory"]) >= 2
