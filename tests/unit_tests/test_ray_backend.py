@@ -1,0 +1,279 @@
+"""backend="ray": members in Ray actors on a local cluster (started and stopped here), checked token for
+token against the in-process engine over the same saved members, with faults and bad set-ups."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from langchain_packllm import ChatPackLLM, FusionEngine, PackLLM, SamplingConfig, WeightingConfig
+from langchain_packllm.members import load_member
+from langchain_packllm.testing import make_tiny_model, stdlib_text, train_metaspace_tokenizer
+
+ray = pytest.importorskip("ray")
+
+from langchain_packllm.ray_backend import (  # noqa: E402
+    MemberActorError,
+    RayFusionEngine,
+    check_member_resources,
+    load_ray_engine,
+)
+
+PROMPTS = ["def main(", "import os\nclass Foo:\n    def", "x"]  # three lengths: the batch is padded
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster(tmp_path_factory):
+    home = tmp_path_factory.mktemp("packllm-home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PACKLLM_HOME", str(home))  # the actors inherit it: alignment maps and conversions stay here
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # A CPU matrix product's reduction order depends on the thread count: the in-process engine runs with
+    # the actors' one thread (Ray's default) so that floats, not only tokens, compare equal.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    ray.shutdown()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def mixed_paths(tmp_path_factory, tiny_paths) -> list[str]:
+    """A byte-level BPE GPT-2 member and a Metaspace BPE Llama member: MinED alignment."""
+    root = tmp_path_factory.mktemp("ray-mixed")
+    tok = train_metaspace_tokenizer(stdlib_text(200_000), vocab_size=300)
+    model = make_tiny_model("llama", tok, seed=5)
+    model.save_pretrained(root / "llama-sp")
+    tok.save_pretrained(root / "llama-sp")
+    return [tiny_paths[0], str(root / "llama-sp")]
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_paths):
+    """The three-member shared-vocabulary pack: in-process, and on Ray through the LangChain factory."""
+    local = FusionEngine([load_member(p, device="cpu") for p in tiny_paths])
+    llm = PackLLM.from_model_ids(tiny_paths, device="cpu", backend="ray", max_new_tokens=12)
+    assert isinstance(llm.engine, RayFusionEngine)
+    yield local, llm
+    llm.engine.close()
+
+
+@pytest.fixture(scope="module")
+def mixed(mixed_paths):
+    local = FusionEngine([load_member(p, device="cpu") for p in mixed_paths])
+    resources = [{"num_cpus": 1, "torch_threads": 1}, {"num_cpus": 1}]
+    remote = load_ray_engine(mixed_paths, member_resources=resources)
+    yield local, remote
+    remote.close()
+
+
+def _same_outputs(a, b) -> None:
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.text for o in a] == [o.text for o in b]
+    assert [o.finish_reason for o in a] == [o.finish_reason for o in b]
+    for x, y in zip(a, b):
+        assert x.report.weights == y.report.weights
+        assert repr(x.report.perplexities) == repr(y.report.perplexities)  # NaN for a 1-token prompt
+        assert x.report.reference == y.report.reference
+        assert repr(x.report.bits_per_byte) == repr(y.report.bits_per_byte)
+
+
+def _cached_calls(engine: RayFusionEngine) -> list[int]:
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while True:
+        counts = ray.get([a.cached_calls.remote() for a in engine.actors])
+        if not any(counts) or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------- equality
+
+
+def test_members_live_in_actors(shared):
+    local, llm = shared
+    pids = {m.extra["ray"]["pid"] for m in llm.engine.members}
+    assert len(pids) == 3 and os.getpid() not in pids
+    assert llm.engine.names == local.names
+    assert [m.vocab_size for m in llm.engine.members] == [m.vocab_size for m in local.members]
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingConfig(max_new_tokens=12),
+        SamplingConfig(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=3),
+        SamplingConfig(max_new_tokens=16, stop=("\n",), repetition_penalty=1.3),
+    ],
+    ids=["greedy", "sampled", "stop-and-processor"],
+)
+def test_shared_batch_equals_in_process(shared, sampling):
+    local, llm = shared
+    want = local.generate(PROMPTS, sampling=sampling)
+    got = llm.engine.generate(PROMPTS, sampling=sampling)
+    _same_outputs(want, got)
+
+
+@pytest.mark.parametrize("weighting", ["optimal", "greedy", [0.2, 0.5, 0.3]])
+def test_shared_weightings_equal(shared, weighting):
+    local, llm = shared
+    config, sampling = WeightingConfig(weighting=weighting), SamplingConfig(max_new_tokens=6)
+    _same_outputs(
+        local.generate(PROMPTS[:2], config, sampling), llm.engine.generate(PROMPTS[:2], config, sampling)
+    )
+
+
+def test_shared_stream_equals_in_process(shared):
+    local, llm = shared
+    sampling = SamplingConfig(max_new_tokens=20)
+    want = [c.text for c in local.stream("def f(x):", sampling=sampling)]
+    got = [c.text for c in llm.engine.stream("def f(x):", sampling=sampling)]
+    assert got == want and len(got) > 2
+    in_process = PackLLM(engine=local, max_new_tokens=20)
+    assert list(llm.stream("def f(x):", max_new_tokens=20)) == list(in_process.stream("def f(x):"))
+
+
+def test_shared_loglikelihood_and_report_equal(shared):
+    local, llm = shared
+    requests = [("def main(", "):\n    return"), ("", "import os")]
+    want, got = local.loglikelihood(requests), llm.engine.loglikelihood(requests)
+    assert [(r.logprob, r.is_greedy) for r in got] == [(r.logprob, r.is_greedy) for r in want]
+    assert llm.engine.report("class Foo:").weights == local.report("class Foo:").weights
+
+
+def test_chat_structured_output_equal(shared):
+    local, llm = shared
+    schema = {
+        "title": "Point",
+        "type": "object",
+        "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+        "required": ["x", "y"],
+    }
+    results = []
+    for engine in (local, llm.engine):
+        chat = ChatPackLLM(engine=engine, max_new_tokens=40)
+        message = chat.invoke("Say hello")
+        structured = chat.with_structured_output(schema, method="json_schema").invoke("A point:")
+        results.append((message.content, structured))
+    assert results[0] == results[1]
+
+
+def test_caches_are_freed_after_calls_and_abandoned_streams(shared):
+    _, llm = shared
+    llm.engine.generate(PROMPTS, sampling=SamplingConfig(max_new_tokens=4))
+    stream = llm.engine.stream("def f(x):", sampling=SamplingConfig(max_new_tokens=30))
+    next(stream)
+    assert max(ray.get([a.cached_calls.remote() for a in llm.engine.actors])) == 1
+    del stream
+    assert _cached_calls(llm.engine) == [0, 0, 0]
+
+
+def test_mixed_vocabularies_equal_in_process(mixed):
+    local, remote = mixed
+    assert remote.alignment == "mined"
+    sampling = SamplingConfig(max_new_tokens=10)
+    prompts = ["def main():\n    return", "The quick brown fox", "x"]
+    want, got = local.generate(prompts, sampling=sampling), remote.generate(prompts, sampling=sampling)
+    _same_outputs(want, got)
+    for prompt in prompts[:2]:
+        assert [c.text for c in remote.stream(prompt, sampling=sampling)] == [
+            c.text for c in local.stream(prompt, sampling=sampling)
+        ]
+    ll = [("def main():", "\n    return 1")]
+    assert remote.loglikelihood(ll)[0].logprob == local.loglikelihood(ll)[0].logprob
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+
+def test_actor_killed_mid_stream_then_next_call_succeeds(shared):
+    local, llm = shared
+    engine = llm.engine
+    victim = engine.members[1]
+    old_pid = ray.get(victim.model.actor.pid.remote())
+    stream = engine.stream("def f(x):", sampling=SamplingConfig(max_new_tokens=60))
+    next(stream)
+    ray.kill(victim.model.actor, no_restart=False)
+    with pytest.raises(MemberActorError, match=repr(victim.name)) as info:
+        for _ in stream:
+            pass
+    assert info.value.member == victim.name
+    sampling = SamplingConfig(max_new_tokens=8)
+    _same_outputs(local.generate(PROMPTS, sampling=sampling), engine.generate(PROMPTS, sampling=sampling))
+    assert ray.get(victim.model.actor.pid.remote()) != old_pid  # the restarted actor served it
+
+
+@pytest.mark.parametrize(
+    ("resources", "error", "match"),
+    [
+        ({"num_gpus": 1}, TypeError, "one dict per member"),
+        ([{"num_gpus": 1}], ValueError, "Got 1 member_resources for 2"),
+        ([{"gpus": 1}, {}], ValueError, "unknown keys"),
+        ([{"num_cpus": -1}, {}], ValueError, "must be a number >= 0"),
+        ([{"num_gpus": 1}, {}], ValueError, "cannot place every member.*GPU"),
+        ([{"num_cpus": 2}, {"num_cpus": 1}], ValueError, "cannot place every member.*CPU"),
+        ([{"resources": {"tpu": 1}}, {}], ValueError, "tpu"),
+    ],
+)
+def test_bad_member_resources_fail_before_loading(mixed_paths, resources, error, match):
+    start = time.perf_counter()
+    with pytest.raises(error, match=match):
+        load_ray_engine(mixed_paths, member_resources=resources)
+    assert time.perf_counter() - start < 2  # nothing loaded
+
+
+def test_resource_check_accepts_good_specs():
+    assert check_member_resources(None, 2) == [{}, {}]
+    assert check_member_resources([{"num_gpus": 1, "torch_threads": 4}, {"resources": {"a": 1}}], 2)[0] == {
+        "num_gpus": 1,
+        "torch_threads": 4,
+    }
+
+
+def test_prefix_alignment_is_refused(mixed_paths):
+    with pytest.raises(ValueError, match="prefix.*not available with backend='ray'"):
+        load_ray_engine(mixed_paths, alignment="prefix")
+
+
+def test_inprocess_rejects_ray_arguments(tiny_paths):
+    with pytest.raises(ValueError, match="backend='ray' only"):
+        PackLLM.from_model_ids(tiny_paths[:1], member_resources=[{}])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        PackLLM.from_model_ids(tiny_paths[:1], backend="dask")
+
+
+def test_missing_cluster_is_a_clear_error(tiny_paths):
+    code = (
+        "from langchain_packllm.ray_backend import load_ray_engine\n"
+        "try:\n"
+        f"    load_ray_engine({tiny_paths[:1]!r}, ray_address='127.0.0.1:9')\n"
+        "except ConnectionError as e:\n"
+        "    print('ConnectionError', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("ConnectionError No Ray cluster answers at '127.0.0.1:9'"), out.stderr
+
+
+def test_runtime_import_does_not_import_ray():
+    code = "import sys, langchain_packllm\nprint('ray' in sys.modules)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_close_ends_the_actors(mixed):
+    _, remote = mixed
+    actors = remote.actors
+    remote.close()
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.pid.remote(), timeout=30)
+    with pytest.raises(MemberActorError, match="closed"):
+        remote.generate(["x"], sampling=SamplingConfig(max_new_tokens=2))
