@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 SECTIONS = ("decode", "ttft", "solve", "memory", "align")
 DEFAULT_SECTIONS = ("decode", "ttft", "solve", "memory")  # align needs the real pack (packllm pack real)
+SECTIONS = (*SECTIONS, "ray")  # backend="ray" against in-process (lab/bench_ray.py); not a default
 
 # Bench member shapes (hidden width, layers). "micro" members cost little more than the host's Python per
 # step, which shows the fusion's own host-side cost per step. "toy" keeps a CPU run short, but its forward is mostly the LM
@@ -599,6 +600,7 @@ class BenchResults:
     solve: list[dict] = field(default_factory=list)
     memory: list[dict] = field(default_factory=list)
     align: list[dict] = field(default_factory=list)
+    ray: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -730,6 +732,15 @@ def run_all(
             results.ttft = bench_ttft(members, cfg, progress)
         if "memory" in only:
             results.memory = bench_memory(members, cfg, progress)
+        if "ray" in only:
+            from langchain_packllm.lab.bench_ray import bench_ray
+
+            if not members:
+                paths = make_bench_pack(tmp, cfg, max(cfg.ks))
+                members = [
+                    load_member(p, name=Path(p).name, device=cfg.device, torch_dtype=cfg.dtype) for p in paths
+                ]
+            results.ray = bench_ray(members, paths, cfg, progress)
         del members
     if "solve" in only:
         results.solve = bench_solve(cfg, progress)
@@ -849,6 +860,11 @@ def format_results(results: BenchResults) -> str:
                 ],
             ),
         ]
+    if results.ray:
+        from langchain_packllm.lab.bench_ray import RAY_COLUMNS
+
+        parts += ["\n## backend='ray' against in-process (members in Ray actors; bounds: members' own steps)\n",
+                  _table(results.ray, RAY_COLUMNS)]  # fmt: skip
     parts.append(f"\ntotal {results.seconds:.0f} s")
     return "\n".join(parts)
 
