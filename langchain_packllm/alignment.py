@@ -46,6 +46,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -56,7 +57,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from langchain_packllm.paths import packllm_home
+from langchain_packllm.paths import packllm_home, warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -439,6 +440,27 @@ def _save_atomic(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
+_IN_MEMORY: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # maps whose cache file could not be written
+_IN_MEMORY_LOCK = threading.Lock()
+
+
+def _save_or_keep(path: Path, key: str, arrays: dict[str, np.ndarray]) -> bool:
+    """Cache ``arrays`` at ``path``; False (with one warning per folder) when it cannot be written."""
+    try:
+        _save_atomic(path, key, arrays)
+        return True
+    except OSError as err:
+        warn_once(
+            f"alignment-unwritable:{path.parent}",
+            "Cannot write the alignment cache %s (%s: %s); token maps are kept in memory for this process. "
+            "Make it writable, or set $PACKLLM_HOME to a writable folder, to keep them.",
+            path.parent,
+            type(err).__name__,
+            err.strerror or err,
+        )
+        return False
+
+
 def _load_checked(path: Path, key: str, expected: dict[str, tuple[tuple[int, ...], Any]]) -> dict | None:
     """The arrays cached at ``path``, or None (logged) if missing, unreadable, stale or corrupt.
 
@@ -769,11 +791,26 @@ def _cached_map(
     key = _cache_key(kind, version, src, dst)
     path = Path(cache_dir or default_cache_dir()) / f"{kind}-{key[:40]}.npz"
     ids_name, flag_name = names
+    blocked = False  # the cache path is taken by something that is not a file: build in memory
     if use_cache:
-        expected = {ids_name: ((src.vocab_size,), np.int64), flag_name: ((src.vocab_size,), np.bool_)}
-        cached = _load_checked(path, key, expected)
-        if cached is not None and _ids_in_range(cached[ids_name], dst.vocab_size, path):
-            return (cached[ids_name], cached[flag_name]), key, 0.0, True
+        with _IN_MEMORY_LOCK:
+            kept = _IN_MEMORY.get(key)
+        if kept is not None:
+            return kept, key, 0.0, True
+        blocked = path.exists() and not path.is_file()
+        if blocked:
+            warn_once(
+                f"alignment-blocked:{path}",
+                "Alignment cache path %s is not a file (a directory?); the map is kept in memory. Remove it "
+                "(rm -r '%s') to cache the map again.",
+                path,
+                path,
+            )
+        else:
+            expected = {ids_name: ((src.vocab_size,), np.int64), flag_name: ((src.vocab_size,), np.bool_)}
+            cached = _load_checked(path, key, expected)
+            if cached is not None and _ids_in_range(cached[ids_name], dst.vocab_size, path):
+                return (cached[ids_name], cached[flag_name]), key, 0.0, True
     started = time.perf_counter()
     ids, flags = build(src, dst)
     seconds = time.perf_counter() - started
@@ -781,8 +818,9 @@ def _cached_map(
         "Built %s map %d -> %d tokens in %.1f s: %.1f%% %s (%s).",
         kind, src.vocab_size, dst.vocab_size, seconds, 100 * flags.mean(), flag_name, path.name,
     )  # fmt: skip
-    if use_cache:
-        _save_atomic(path, key, {ids_name: ids, flag_name: flags})
+    if use_cache and (blocked or not _save_or_keep(path, key, {ids_name: ids, flag_name: flags})):
+        with _IN_MEMORY_LOCK:
+            _IN_MEMORY[key] = (ids, flags)
     return (ids, flags), key, seconds, False
 
 

@@ -13,7 +13,9 @@
    included) are saved with ``save_pretrained`` into a temporary folder beside the target, with a manifest
    (the source's sha256, each output file's size and sha256, the library versions), then moved into place
    with ``os.replace``. A folder that fails verification (a file missing, of the wrong size or, once its
-   modification time changed, of the wrong sha256) is converted again, with a warning.
+   modification time changed, of the wrong sha256) is converted again, with a warning. When
+   ``$PACKLLM_HOME/models`` cannot be written, the conversion goes to ``$PACKLLM_FALLBACK_HOME/models`` (else
+   a temporary folder of the process), with one warning (:func:`langchain_packllm.paths.writable_root`).
 
 End of generation: GGUF stores one ``eos_token_id``; llama.cpp also stops on the file's ``eot``/``eom`` ids
 and on the usual end-of-turn control tokens (``<|im_end|>``, ``<|endoftext|>``, ``<end_of_turn>``, ...). The
@@ -43,7 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from langchain_packllm.paths import packllm_home
+from langchain_packllm.paths import fallback_home, packllm_home, writable_root
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +363,14 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 def converted_dir(sha256: str, home: str | os.PathLike | None = None) -> Path:
     """Where the GGUF file of this sha256 is (or will be) converted: ``$PACKLLM_HOME/models/<sha256>``."""
-    return packllm_home(home) / MODELS_DIR / sha256
+    return packllm_home(home) / MODELS_DIR / _check_sha256(sha256)
+
+
+def _check_sha256(digest: str) -> str:
+    """``digest`` if it is a sha256 in hex (it names a folder), else ValueError."""
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"Bad sha256 {digest!r}: expected 64 lowercase hex digits.")
+    return digest
 
 
 def verify_converted(folder: str | os.PathLike, sha256: str | None = None, full: bool = False) -> str | None:
@@ -441,13 +450,17 @@ def convert_gguf(
     src = os.path.abspath(os.fspath(path))
     if not os.path.isfile(src):
         raise FileNotFoundError(f"GGUF file {src!r} does not exist.")
-    digest = sha256 or gguf_sha256(src, home)
+    digest = _check_sha256(sha256 or gguf_sha256(src, home))
     target = converted_dir(digest, home)
-    if not force:
-        reason = verify_converted(target, digest)
-        if reason is None:
-            return GGUFConversion(target, digest, src, _read_json(target / MANIFEST_NAME), False)
-    models = target.parent
+    fallback = fallback_home(create=False)
+    if (
+        not force
+    ):  # a sound conversion is reused where it is, in the home or (if the home is read-only) the fallback
+        for folder in (target, *([fallback / MODELS_DIR / digest] if fallback else [])):
+            if verify_converted(folder, digest) is None:
+                return GGUFConversion(folder, digest, src, _read_json(folder / MANIFEST_NAME), False)
+    models = writable_root(MODELS_DIR, home)  # the home's, else the fallback (with one warning)
+    target = models / digest
     with _locked(models / f".{digest}.lock"):
         reason = "conversion forced" if force else verify_converted(target, digest)
         if reason is None:  # another process converted it while we waited

@@ -24,7 +24,7 @@ from langchain_packllm.lab.pack.builder import (
     verify_pack,
 )
 from langchain_packllm.lab.pack.corpora import BUILTIN_DOMAINS, DEFAULT_DOMAINS, CorpusUnavailableError
-from langchain_packllm.lab.pack.manifest import DomainInfo, ExpertInfo, PackManifest
+from langchain_packllm.lab.pack.manifest import DomainInfo, ExpertInfo, PackCorruptError, PackManifest
 from langchain_packllm.lab.pack.real import REAL_NAMES, build_real_pack, load_real_pack, real_pack_paths
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "CorpusUnavailableError",
     "DomainInfo",
     "ExpertInfo",
+    "PackCorruptError",
     "PackManifest",
     "REAL_NAMES",
     "build_pack",

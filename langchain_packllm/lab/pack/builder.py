@@ -2,7 +2,12 @@
 
 A pack is built once into ``<cache>/packs/<size>-<variant>[-<hash>]/`` and reused afterwards. The
 manifest is written last and atomically, so a directory without one is a half-built pack and is
-rebuilt. A file lock keeps two processes from building the same pack at once.
+rebuilt. A file lock keeps two processes from building the same pack at once. The manifest records every
+file's size and sha256; a finished pack whose files do not match is rebuilt (``build_pack``) or reported
+with the command that rebuilds it (``load_pack``, ``verify_pack``). When the cache root cannot be written,
+a finished pack there is still reused; a new one is built in the fallback folder
+(:func:`langchain_packllm.paths.writable_root`). User corpus names become folder names: they are checked
+(:func:`langchain_packllm.paths.check_name`), whoever calls.
 
 Layout of a pack directory::
 
@@ -21,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -34,7 +40,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from langchain_packllm.lab.pack import corpora
 from langchain_packllm.lab.pack.corpora import CorpusSplit, CorpusUnavailableError
-from langchain_packllm.lab.pack.manifest import MANIFEST_NAME, DomainInfo, ExpertInfo, PackManifest
+from langchain_packllm.lab.pack.manifest import (
+    MANIFEST_NAME,
+    DomainInfo,
+    ExpertInfo,
+    PackCorruptError,
+    PackManifest,
+    check_files,
+    record_files,
+)
 from langchain_packllm.lab.pack.tokenizers import train_tokenizer
 from langchain_packllm.lab.pack.train import (
     EvalResult,
@@ -48,7 +62,14 @@ from langchain_packllm.lab.pack.train import (
     save_expert,
     train_expert,
 )
-from langchain_packllm.paths import packllm_home
+from langchain_packllm.paths import (
+    check_name,
+    fallback_home,
+    inside,
+    packllm_home,
+    writable_error,
+    writable_root,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +183,8 @@ def _build_config(
     size: str, variant: str, domains: Sequence[str], corpora_: dict[str, str], seed: int
 ) -> dict:
     """What identifies a pack: a finished pack is reused only if its manifest records the same."""
+    for name in corpora_:
+        check_name(name, "corpus name")
     user = {
         name: str(Path(os.path.expanduser(p)).resolve())
         if not any(c in p for c in "*?[")
@@ -271,15 +294,57 @@ def load_pack(
         FileNotFoundError: the pack is not built (or only half built); the message says how to build it.
     """
     root = default_pack_dir(size, variant, cache_dir, domains, corpora, seed)
+    fallback = fallback_home(create=False)
+    if not (root / MANIFEST_NAME).exists() and fallback is not None:  # built there: the home was read-only
+        if (fallback / "packs" / root.name / MANIFEST_NAME).exists():
+            root = fallback / "packs" / root.name
+    cmd = build_command(_build_config(size, variant, _domain_list(domains), corpora or {}, seed), cache_dir)
     if not (root / MANIFEST_NAME).exists():
-        cmd = f"packllm pack build{' --tiny' if size == 'tiny' else ''} --variant {variant}"
-        if cache_dir is not None:
-            cmd += f" --cache-dir {cache_dir}"
         raise FileNotFoundError(
             f"No {size}-{variant} expert pack in {root}. Build it with `{cmd}` "
             f"(or build_pack(size={size!r}, variant={variant!r}) in Python)."
         )
-    return PackManifest.load(root)
+    manifest = PackManifest.load(root)
+    problem = check_files(manifest)
+    if problem:
+        raise PackCorruptError(
+            f"The {size}-{variant} pack in {root} is corrupt: {problem}. Rebuild it with `{cmd}`."
+        )
+    return manifest
+
+
+def build_command(config: dict, cache_dir: str | os.PathLike | None = None) -> str:
+    """The ``packllm pack build`` command line that builds (or repairs) the pack of this build config."""
+    cmd = f"packllm pack build{' --tiny' if config['size'] == 'tiny' else ''} --variant {config['variant']}"
+    if list(config["domains"]) != list(corpora.DEFAULT_DOMAINS):
+        cmd += f" --domains {shlex.quote(','.join(config['domains']))}"
+    for name, path in config.get("corpora", {}).items():
+        cmd += f" --corpus {shlex.quote(f'{name}={path}')}"
+    if config.get("seed", 0):
+        cmd += f" --seed {config['seed']}"
+    if cache_dir is not None:
+        cmd += f" --cache-dir {shlex.quote(str(cache_dir))}"
+    return cmd
+
+
+def _reusable(root: Path, config: dict) -> PackManifest | None:
+    """The finished pack in ``root`` when it was built with ``config`` and its files match its manifest."""
+    if not (root / MANIFEST_NAME).exists():
+        return None
+    try:
+        manifest = PackManifest.load(root)
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+        logger.warning("Pack manifest in %s is unreadable (%s); rebuilding.", root, err)
+        return None
+    if manifest.build_config != config:
+        logger.warning("Pack in %s was built with other settings; rebuilding.", root)
+        return None
+    problem = check_files(manifest)
+    if problem:
+        logger.warning("Pack in %s is corrupt (%s); rebuilding it.", root, problem)
+        return None
+    logger.info("Reusing the %s pack in %s", root.name, root)
+    return manifest
 
 
 def build_pack(
@@ -330,19 +395,17 @@ def build_pack(
     if not domain_names and not user:
         raise ValueError("Nothing to build: no domains and no corpora were given.")
     config = _build_config(size, variant, domain_names, user, seed)
-    root = packllm_home(cache_dir) / "packs" / _pack_name(config)
+    packs = packllm_home(cache_dir) / "packs"
+    if writable_error(packs) is not None:  # read-only: reuse a sound pack there, else build in the fallback
+        found = None if force else _reusable(packs / _pack_name(config), config)
+        if found is not None:
+            return found
+        packs = writable_root("packs", cache_dir)
+    root = inside(packs, _pack_name(config))
 
     with _locked(root.parent / f".{root.name}.lock"):
-        if (root / MANIFEST_NAME).exists() and not force:
-            try:
-                manifest = PackManifest.load(root)
-            except (ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
-                logger.warning("Pack manifest in %s is unreadable (%s); rebuilding.", root, err)
-            else:
-                if manifest.build_config == config:
-                    logger.info("Reusing the %s pack in %s", root.name, root)
-                    return manifest
-                logger.warning("Pack in %s was built with other settings; rebuilding.", root)
+        if not force and (manifest := _reusable(root, config)) is not None:
+            return manifest
         if root.exists():
             logger.info(
                 "Removing %s %s", "old pack" if (root / MANIFEST_NAME).exists() else "half-built pack", root
@@ -423,8 +486,8 @@ def _build(
         )
         splits[name] = split
         train_path, heldout_path = (
-            root / "data" / name / "train.jsonl",
-            root / "data" / name / "heldout.jsonl",
+            inside(root, "data", name, "train.jsonl"),
+            inside(root, "data", name, "heldout.jsonl"),
         )
         corpora.write_jsonl(train_path, split.train)
         corpora.write_jsonl(heldout_path, split.heldout)
@@ -501,7 +564,7 @@ def _build(
         )
         result = train_expert(model, stream, cfg, desc=f"expert {name} ({arch})")
         own = evaluate(model, tok, splits[name].heldout[: p.eval_docs], p.context_length)
-        path = root / "experts" / name
+        path = inside(root, "experts", name)
         info = ExpertInfo(
             name=name,
             domain=name,
@@ -554,6 +617,7 @@ def _build(
         heldout_eval=heldout_eval,
         build_seconds=round(time.monotonic() - t_start, 1),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        files=record_files(root),
     )
     manifest.save()  # last: its presence marks the pack as complete
     logger.info("Built the %s pack in %.0fs", root.name, manifest.build_seconds)
@@ -574,16 +638,29 @@ def _eval_matrix(models: dict, tokenizers: dict, splits: dict[str, CorpusSplit],
 
 
 def verify_pack(manifest: PackManifest) -> dict[str, str]:
-    """Load every expert back through ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(path)``
-    and score a held-out document; returns ``{expert: model class}``. Raises if one fails to load."""
+    """Check every file against its sha256 in the manifest, then load every expert back through
+    ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(path)`` and score a held-out document; returns
+    ``{expert: model class}``. Raises :class:`PackCorruptError` (naming the file and the command that
+    rebuilds the pack) when a file does not match or an expert does not load."""
+    root = Path(manifest.root)
+    cmd = build_command(manifest.build_config, root.parent.parent) if manifest.build_config else None
+    fix = f" Rebuild it with `{cmd}`." if cmd else " Rebuild it with `packllm pack build --force`."
+    problem = check_files(manifest, full=True)
+    if problem:
+        raise PackCorruptError(f"The pack in {root} is corrupt: {problem}.{fix}")
     out = {}
     for e in manifest.experts:
-        model = AutoModelForCausalLM.from_pretrained(e.path)
-        tok = AutoTokenizer.from_pretrained(e.path)
-        doc = manifest.heldout_documents(e.domain)[0]
-        r = evaluate(model, tok, [doc], e.context_length)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(e.path)
+            tok = AutoTokenizer.from_pretrained(e.path)
+            doc = manifest.heldout_documents(e.domain)[0]
+            r = evaluate(model, tok, [doc], e.context_length)
+        except Exception as err:  # safetensors, JSON, tokenizers: each has its own error type
+            raise PackCorruptError(
+                f"Expert {e.name} in {e.path} does not load ({type(err).__name__}: {err}).{fix}"
+            ) from err
         if not r.tokens or r.loss != r.loss:
-            raise RuntimeError(f"Expert {e.name} in {e.path} loaded but gives no finite loss.")
+            raise PackCorruptError(f"Expert {e.name} in {e.path} loaded but gives no finite loss.{fix}")
         out[e.name] = type(model).__name__
     return out
 

@@ -21,6 +21,7 @@ from langchain_packllm.lab.pack.builder import (
     verify_pack,
 )
 from langchain_packllm.lab.pack.corpora import BUILTIN_DOMAINS, parse_corpus_spec
+from langchain_packllm.lab.pack.manifest import PackCorruptError
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def add_pack_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
             "--domains",
             default=None,
             metavar="A,B,...",
-            help=f"built-in domains to include (default: all of {','.join(BUILTIN_DOMAINS)})",
+            help=f"built-in domains to include ('' for none; default: all of {','.join(BUILTIN_DOMAINS)})",
         )
         p.add_argument(
             "--seed", type=int, default=0, help="seed of split, tokenizers and training (default 0)"
@@ -86,7 +87,8 @@ def add_pack_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     info.add_argument(
         "--verify",
         action="store_true",
-        help="load every expert back through AutoModelForCausalLM and score it",
+        help="check every file against its sha256, load every expert back through AutoModelForCausalLM "
+        "and score it",
     )
     info.set_defaults(func=_cmd_info)
 
@@ -113,7 +115,7 @@ def add_pack_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def _kwargs(args: argparse.Namespace) -> dict:
     corpora = dict(parse_corpus_spec(s) for s in args.corpus)
-    domains = args.domains.split(",") if args.domains else None
+    domains = [d for d in args.domains.split(",") if d.strip()] if args.domains is not None else None
     return dict(
         size="tiny" if args.tiny else "default",
         variant=args.variant,
@@ -161,9 +163,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(err)
         print(f"(looked in {default_pack_dir(**kw)})")
         return 1
+    except PackCorruptError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(manifest.to_dict(), indent=2) if args.json else _describe(manifest))
     if args.verify:
-        for name, cls in verify_pack(manifest).items():
+        try:
+            verified = verify_pack(manifest)
+        except PackCorruptError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        for name, cls in verified.items():
             print(f"verified {name}: AutoModelForCausalLM -> {cls}, AutoTokenizer ok")
     return 0
 

@@ -1,11 +1,14 @@
 """`PackManifest`: what a built expert pack holds, as a JSON file written last into the pack directory.
 
 Paths are stored relative to the pack directory in ``manifest.json`` and made absolute when loaded,
-so a cache directory can be moved or mounted elsewhere.
+so a cache directory can be moved or mounted elsewhere. The manifest also records every file of the pack
+(size, sha256, modification time): :func:`check_files` finds a truncated, missing or rewritten file before
+the pack is reused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -16,6 +19,11 @@ from langchain_packllm.lab.pack.corpora import read_jsonl
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+
+
+class PackCorruptError(RuntimeError):
+    """A finished pack whose files do not match its manifest, or whose experts do not load; the message
+    names the file and the command that rebuilds the pack."""
 
 
 @dataclass
@@ -75,6 +83,7 @@ class PackManifest:
     heldout_eval: dict = field(default_factory=dict)  # {"ppl"|"bpb"|"loss": {expert: {domain: value}}}
     build_seconds: float = 0.0
     created: str = ""
+    files: dict = field(default_factory=dict)  # {path relative to root: {"size", "sha256", "mtime_ns"}}
     format_version: int = FORMAT_VERSION
 
     # --- access -------------------------------------------------------------------------------------
@@ -180,3 +189,43 @@ class PackManifest:
         """Read ``root/manifest.json``."""
         path = Path(root) / MANIFEST_NAME
         return cls.from_dict(json.loads(path.read_text()), root)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_files(root: str | Path) -> dict:
+    """Size, sha256 and modification time of every file under ``root`` but the manifest and dot files."""
+    root = Path(root)
+    files = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel != MANIFEST_NAME and not any(part.startswith(".") for part in Path(rel).parts):
+            st = p.stat()
+            files[rel] = {"size": st.st_size, "sha256": _sha256(p), "mtime_ns": st.st_mtime_ns}
+    return files
+
+
+def check_files(manifest: PackManifest, full: bool = False) -> str | None:
+    """None when every file the manifest records is there with its size (and its sha256, checked when its
+    modification time changed, or always with ``full``), else what is wrong, naming the file. A manifest
+    that records no files (written before they were recorded) passes."""
+    root = Path(manifest.root)
+    for rel, rec in manifest.files.items():
+        path = root / rel
+        try:
+            st = path.stat()
+        except OSError:
+            return f"{path} is missing"
+        if not path.is_file():
+            return f"{path} is not a file"
+        if st.st_size != rec.get("size"):
+            return f"{path} has {st.st_size} bytes, the manifest records {rec.get('size')}"
+        if (full or st.st_mtime_ns != rec.get("mtime_ns")) and _sha256(path) != rec.get("sha256"):
+            return f"{path} does not match the sha256 in its manifest"
+    return None

@@ -47,7 +47,7 @@ from typing import IO, Any
 from tqdm.auto import tqdm
 
 from langchain_packllm.gguf import convert_gguf, converted_dir, gguf_sha256, verify_converted
-from langchain_packllm.paths import packllm_home
+from langchain_packllm.paths import packllm_home, writable_root
 
 logger = logging.getLogger(__name__)
 
@@ -425,8 +425,7 @@ def ensure_member(
             )
         convert_gguf(src.path, sha256=member.sha256, home=home, force=force, origin=origin_text)
     else:
-        scratch = packllm_home(home) / "tmp"
-        scratch.mkdir(parents=True, exist_ok=True)
+        scratch = writable_root("tmp", home)  # the home's, else the fallback (a read-only home)
         folder = Path(tempfile.mkdtemp(prefix="assemble-", dir=scratch))
         try:
             gguf_file = folder / member.gguf_name
