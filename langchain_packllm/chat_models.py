@@ -77,7 +77,9 @@ class ChatPackLLM(PackSettings, BaseChatModel):
     Tools (``bind_tools``) and ``with_structured_output`` decode under a JSON-schema constraint:
     ``tool_choice="any"`` / ``"required"`` / a tool name force exactly one well-formed call; ``"auto"`` (the
     default) lets the first character choose between a plain answer and a call (an answer starting with
-    ``{`` is a call); ``"none"`` decodes freely.
+    ``{`` is a call), and reads a call written in a chat model's own format (``<tool_call>{...}</tool_call>``
+    or a fenced json block), validated against the tool's schema (see
+    :func:`~langchain_packllm.constrained.text_tool_calls`); ``"none"`` decodes freely.
     """
 
     model_name: str | None = Field(default=None, alias="model")
@@ -247,15 +249,26 @@ class ChatPackLLM(PackSettings, BaseChatModel):
 
             processors = (GrammarLogitsProcessor.for_reference(grammar, reference),)
         weighting, sampling = self._settings(stop, kwargs, processors)
+        call_budget = None
         if mode in ("call", "json"):  # JSON must be able to close: a floor on the budget, no stop strings
             budget = max(sampling.max_new_tokens, self.constrained_max_tokens)
             sampling = dataclasses.replace(sampling, max_new_tokens=budget, stop=())
+        elif mode == "auto" and self.constrained_max_tokens > sampling.max_new_tokens and reference.eos_ids:
+            # the same floor once a call has started: plain text still ends at max_tokens
+            from langchain_packllm.constrained import AutoCallBudget
+
+            call_budget = AutoCallBudget(reference, sampling.max_new_tokens)
+            sampling = dataclasses.replace(
+                sampling,
+                max_new_tokens=self.constrained_max_tokens,
+                logits_processors=(*sampling.logits_processors, call_budget),
+            )
         elif not getattr(reference.tokenizer, "chat_template", None):
             # the plain template's turns end where the next role line begins (a base model writes them on)
             extra = tuple(s for s in FALLBACK_STOPS if s not in sampling.stop)
             sampling = dataclasses.replace(sampling, stop=(*sampling.stop, *extra))
         names = {t["function"]["name"] for t in tools}
-        return _Plan(prompt, mode, names, weighting, sampling, reference, bpb)
+        return _Plan(prompt, mode, names, weighting, sampling, reference, bpb, tools, call_budget)
 
     def _message(self, output: FusionOutput, plan: _Plan) -> AIMessage:
         text = output.text.lstrip()
@@ -264,6 +277,20 @@ class ChatPackLLM(PackSettings, BaseChatModel):
             call = _parse_call(text, plan.tool_names, output.finish_reason)
             (calls if call["type"] == "tool_call" else invalid).append(call)
             text = ""
+        elif plan.mode == "auto":  # a call in the member's own format: <tool_call>{...}, fenced JSON
+            from langchain_packllm.constrained import ll_tokenizer, text_tool_calls
+
+            ref = plan.reference
+            ll_tok = ll_tokenizer(ref.tokenizer, ref.vocab_size, sorted(ref.eos_ids))
+            found, text = text_tool_calls(text, plan.tools, ll_tok, output.finish_reason)
+            for c in found:
+                call_id = f"call_{uuid.uuid4().hex[:24]}"
+                if c.error is None:
+                    calls.append(tool_call(name=c.name, args=c.args, id=call_id))
+                else:
+                    invalid.append(invalid_tool_call(name=c.name, args=c.raw, id=call_id, error=c.error))
+        if plan.call_budget is not None and plan.call_budget.cut.get(0):
+            output = dataclasses.replace(output, finish_reason="length")  # ended at max_tokens
         return AIMessage(
             content=text,
             tool_calls=calls,
@@ -320,10 +347,18 @@ class ChatPackLLM(PackSettings, BaseChatModel):
         plan = self._plan(messages, stop, kwargs)
         held = ""  # text not yet shown: leading blanks, or a whole tool call
         started = False  # whether plain text has begun streaming
+        emitted = 0  # "auto": how much of the answer's text has been shown (never a call written in it)
         for piece in self.engine.stream(plan.prompt, plan.weighting, plan.sampling, reference=plan.reference):
             if piece.output is not None:
                 break
-            if started:
+            if plan.mode == "auto":
+                from langchain_packllm.constrained import streamable_length
+
+                held += piece.text
+                head = held.lstrip()
+                safe = streamable_length(head)
+                text, emitted = head[emitted:safe], max(emitted, safe)
+            elif started:
                 text = piece.text
             else:
                 held += piece.text
@@ -339,9 +374,12 @@ class ChatPackLLM(PackSettings, BaseChatModel):
             yield chunk
         output = piece.output
         message = self._message(output, plan)
-        rest = piece.text if started else (held + piece.text).lstrip()
-        if message.tool_calls or message.invalid_tool_calls:
-            rest = ""
+        if plan.mode == "auto":  # the content the message ends with, less what was shown
+            rest = message.content[emitted:]
+        else:
+            rest = piece.text if started else (held + piece.text).lstrip()
+            if message.tool_calls or message.invalid_tool_calls:
+                rest = ""
         chunks = [
             tool_call_chunk(
                 name=c["name"], args=json.dumps(c["args"], ensure_ascii=False), id=c["id"], index=i
@@ -389,6 +427,8 @@ class _Plan:
     sampling: SamplingConfig
     reference: Reference
     bits_per_byte: tuple[float, ...] | None = None  # each member's, on the text the reference was chosen on
+    tools: tuple[dict[str, Any], ...] | list = ()  # the bound tools (OpenAI dicts)
+    call_budget: Any = None  # "auto": the AutoCallBudget processor (which rows it ended at max_tokens)
 
 
 # ---------------------------------------------------------------------- tool choice, schemas, parsing

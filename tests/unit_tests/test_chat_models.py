@@ -16,7 +16,17 @@ from pydantic import BaseModel, Field
 
 from langchain_packllm import ChatPackLLM, PackLLM, SamplingConfig
 from langchain_packllm.chat_models import render_prompt
-from langchain_packllm.constrained import GrammarLogitsProcessor, json_schema_grammar, strict_schema
+from langchain_packllm.config import FusionOutput, StreamChunk
+from langchain_packllm.constrained import (
+    AutoCallBudget,
+    GrammarLogitsProcessor,
+    call_is_open,
+    json_schema_grammar,
+    ll_tokenizer,
+    streamable_length,
+    strict_schema,
+    text_tool_calls,
+)
 from tests.tiny_pack import tiny_pack_paths
 
 pytestmark = pytest.mark.filterwarnings("ignore:Prompt of .* does not fit:UserWarning")
@@ -308,3 +318,179 @@ def test_plain_template_answers_stop_at_the_next_role_line(chat: ChatPackLLM) ->
     assert forced.sampling.stop == ()  # a constrained call must be able to close its JSON
     reply = chat.invoke("Hello", max_tokens=24)
     assert not any(s in reply.content for s in FALLBACK_STOPS)
+
+
+# ---------------------------------------------------------------------- calls in the members' own formats
+
+CALL = {"name": "set_light", "arguments": {"room": "hall", "on": True, "level": 3}}
+
+
+def _ll(chat: ChatPackLLM):
+    ref = chat.engine.reference(0)
+    return ll_tokenizer(ref.tokenizer, ref.vocab_size, sorted(ref.eos_ids))
+
+
+@pytest.mark.parametrize(
+    ("text", "content"),
+    [
+        (f"<tool_call>\n{json.dumps(CALL)}\n</tool_call>", ""),  # Qwen2.5 / Hermes
+        (f"Sure.\n```json\n{json.dumps(CALL, indent=2)}\n```\nDone.", "Sure.\n\nDone."),  # fenced, pretty
+        (f"```\n{json.dumps(CALL)}\n```", ""),  # a fence without a language
+        ('<tool_call>{"name": "set_light", "arguments": "{\\"room\\": \\"hall\\", \\"on\\": true, '
+         '\\"level\\": 3}"}</tool_call>', ""),  # arguments as a JSON string (OpenAI style)
+        (f'<tool_call>{json.dumps({"name": "set_light", "parameters": CALL["arguments"]})}', ""),  # unclosed
+    ],
+)  # fmt: skip
+def test_text_tool_calls_reads_tagged_and_fenced_calls(chat: ChatPackLLM, text: str, content: str) -> None:
+    calls, rest = text_tool_calls(text, [LIGHT, TIMER], _ll(chat))
+    assert [(c.name, c.args, c.error) for c in calls] == [("set_light", CALL["arguments"], None)]
+    assert rest == content
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'Here is JSON:\n```json\n{"room": "hall"}\n```',  # fenced JSON that is not a call
+        "```python\nprint({'name': 1})\n```",  # code
+        'I would call {"name": "set_light", "arguments": {}} here',  # no opener: prose
+        "no call at all",
+    ],
+)
+def test_text_that_is_not_a_call_stays_text(chat: ChatPackLLM, text: str) -> None:
+    assert text_tool_calls(text, [LIGHT], _ll(chat)) == ([], text)
+
+
+@pytest.mark.parametrize(
+    ("text", "finish_reason", "error"),
+    [
+        ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>', "stop",
+         "Not a call of a bound tool: 'get_weather'"),
+        ('<tool_call>{"name": "set_light", "arguments": {"room": "attic", "on": true, "level": 3}}</tool_call>',
+         "stop", "do not match its parameters' schema"),
+        ('```json\n{"name": "set_light", "arguments": {"room": "hall", "on": true, "level": 12}}\n```', "stop",
+         "do not match its parameters' schema"),
+        ('```json\n{"name": "set_light", "arguments": {"room": "hall", "on": true}}\n```', "stop",
+         "do not match its parameters' schema"),  # a required argument missing
+        ('<tool_call>{"name": "set_light", "arguments": {"room": "ha', "length", "ran out of tokens"),
+        ('<tool_call>{"name": "set_light", "arguments": [1]}</tool_call>', "stop", "not a JSON object"),
+    ],
+)  # fmt: skip
+def test_invalid_calls_written_as_calls_come_back_with_the_reason(
+    chat: ChatPackLLM, text: str, finish_reason: str, error: str
+) -> None:
+    calls, rest = text_tool_calls(text, [LIGHT], _ll(chat), finish_reason)
+    assert len(calls) == 1 and calls[0].error is not None and error in calls[0].error, calls
+    assert rest == ""
+
+
+def test_streamable_length_and_call_is_open() -> None:
+    assert streamable_length('{"name"') == 0
+    assert streamable_length("Sure, calling it: <tool_c") == len("Sure, calling it:")
+    assert streamable_length("a <b> c") == len("a <b> c")  # a tag that cannot open a call
+    assert streamable_length("Code:\n```py") == len("Code:\n```py")  # a fence that cannot open a call
+    assert streamable_length("Code:\n```js") == len("Code:")  # may still be ```json
+    assert streamable_length("x\n```json\n{") == 1 and streamable_length("x ") == 1
+    assert call_is_open("{") and call_is_open('<tool_call>{"name": "a", "argu')
+    assert call_is_open("Sure: ```json\n{") and call_is_open("Sure: <tool_")
+    assert not call_is_open("plain text") and not call_is_open('<tool_call>{"a": 1}</tool_call>')
+    assert not call_is_open('```json\n{"a": 1}\n```')
+
+
+def _scripted(monkeypatch, chat: ChatPackLLM, text: str, finish_reason: str = "stop") -> None:
+    """Make the pack write ``text`` (a real call's report, fake text), in invoke and in stream."""
+    report = chat.engine.generate(["x"], sampling=SamplingConfig(max_new_tokens=1))[0].report
+    ids = chat.engine.reference(0).tokenizer(text, add_special_tokens=False)["input_ids"]
+    output = FusionOutput(text, ids, finish_reason, report)
+    monkeypatch.setattr(chat.engine, "generate", lambda *a, **k: [output])
+
+    def stream(*a, **k):
+        for ch in text:  # one character at a time: every place a call could open is crossed
+            yield StreamChunk(ch)
+        yield StreamChunk("", output=output)
+
+    monkeypatch.setattr(chat.engine, "stream", stream)
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        (f"<tool_call>\n{json.dumps(CALL)}\n</tool_call>", "", 1),
+        (f"Sure.\n```json\n{json.dumps(CALL, indent=2)}\n```", "Sure.", 1),
+        ("  Plain answer with ``` ticks and <b>tags</b> ", "Plain answer with ``` ticks and <b>tags</b> ", 0),
+    ],
+)
+def test_auto_takes_the_members_own_call_format_in_invoke_and_stream(
+    chat: ChatPackLLM, monkeypatch, text: str, content: str, calls: int
+) -> None:
+    bound = chat.bind_tools([LIGHT], tool_choice="auto")
+    _scripted(monkeypatch, chat, text)
+    msg = bound.invoke("Turn on the hall light")
+    assert msg.content == content and not msg.invalid_tool_calls
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("set_light", CALL["arguments"])] * calls
+    assert msg.response_metadata["finish_reason"] == ("tool_calls" if calls else "stop")
+    handler = Collector()
+    chunks = list(bound.stream("Turn on the hall light", config={"callbacks": [handler]}))
+    full = chunks[0]
+    for c in chunks[1:]:
+        full = full + c
+    assert full.content == content and "".join(handler.tokens) == content
+    assert [(c["name"], c["args"]) for c in full.tool_calls] == [
+        (c["name"], c["args"]) for c in msg.tool_calls
+    ]
+    assert all("`" not in c.content and "<tool" not in c.content for c in chunks) or not calls
+
+
+def test_auto_call_budget_ends_text_at_max_tokens_and_lets_a_started_call_run(chat: ChatPackLLM) -> None:
+    ref = chat.engine.reference(0)
+    tok = ref.tokenizer
+    prompt = torch.tensor([tok("Hi there", add_special_tokens=False)["input_ids"]])
+    V, eos = ref.vocab_size, min(ref.eos_ids)
+
+    def run(text: str, budget: int) -> tuple[torch.Tensor, AutoCallBudget]:
+        guard = AutoCallBudget(ref, budget)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        out = None
+        for t in range(len(ids) + 1):  # the prompt first, then one generated token more per step
+            out = guard(
+                torch.cat([prompt, torch.tensor([ids[:t]], dtype=torch.long)], dim=1), torch.zeros(1, V)
+            )
+        return out, guard
+
+    text = "plain words and more words here"
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    out, guard = run(text, n + 1)  # under the budget: untouched
+    assert bool((out == 0).all()) and not guard.cut
+    out, guard = run(text, n)  # at the budget, no call: only EOS
+    assert out[0, eos] == 0 and int(torch.isfinite(out).sum()) == 1 and guard.cut == {0: True}
+    started = len(tok('Calling: <tool_call>{"na', add_special_tokens=False)["input_ids"])
+    out, guard = run('Calling: <tool_call>{"name": "set_light", "argu', started)  # a call has started: on
+    assert bool((out == 0).all()) and not guard.cut
+    out, guard = run('Calling: <tool_call>{"name": "set_light", "argu', 2)  # it started after the budget
+    assert guard.cut == {0: True}
+    out, guard = run('```json\n{"name": "set_light", "arguments": {"ro', 3)  # a fenced call: on
+    assert bool((out == 0).all()) and not guard.cut
+    out, guard = run('<tool_call>{"name": "set_light", "arguments": {}}</tool_call> and', 2)  # closed: EOS
+    assert int(torch.isfinite(out).sum()) == 1 and guard.cut == {0: False}
+
+
+def test_auto_floor_leaves_plain_answers_as_they_were(chat: ChatPackLLM) -> None:
+    """Under "auto" the budget is constrained_max_tokens once a call has started; a plain answer still
+    ends at max_tokens, with the same text, tokens and finish reason as without the floor."""
+    # (a floor within the tiny members' context of 256, so that the prompt is not cut shorter to make room)
+    tool = {
+        "type": "function",
+        "function": {"name": "f", "description": "", "parameters": {"type": "object"}},
+    }
+    floor = chat.model_copy(update={"constrained_max_tokens": 24}).bind_tools([tool], tool_choice="auto")
+    no_floor = chat.model_copy(update={"constrained_max_tokens": 6}).bind_tools([tool], tool_choice="auto")
+    compared = 0
+    for prompt in PROMPTS:
+        plain = no_floor.invoke(prompt, max_tokens=6)
+        if plain.tool_calls or plain.invalid_tool_calls or call_is_open(plain.content):
+            continue
+        got = floor.invoke(prompt, max_tokens=6)
+        assert not got.response_metadata["truncated"] and not plain.response_metadata["truncated"]
+        assert got.content == plain.content and got.usage_metadata == plain.usage_metadata
+        assert got.response_metadata["finish_reason"] == plain.response_metadata["finish_reason"]
+        compared += 1
+    assert compared

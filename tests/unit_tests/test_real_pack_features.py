@@ -277,19 +277,18 @@ def test_auto_tool_choice_answers_or_calls_never_malformed(auto_reply) -> None:
 QWEN_ONLY = [0.0, 0.0, 1.0]  # fixed weights: the fused model is Qwen2.5-Coder-Instruct's alone
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="under tool_choice='auto' an answer is a call only if it starts with '{'; Qwen2.5-Coder-Instruct "
-    "(weight 1, its chat template listing the tool) writes its call as fenced JSON ('```json\\n{\\n  "
-    '"name": "get_weather", ...\'), which is returned as text: no tool call comes out',
-)
 def test_auto_tool_choice_takes_the_members_own_call_format(pack) -> None:
+    """Qwen2.5-Coder-Instruct alone (weight 1, its chat template listing the tool) writes its call in its
+    own format (fenced JSON or <tool_call>), not as an answer starting with "{": it is read as the call."""
     bound = pack.chat.bind_tools([get_weather], tool_choice="auto")
     msg = bound.invoke(WEATHER_QUESTION, weighting=QWEN_ONLY, max_tokens=CONSTRAINED_MAX)
     if msg.response_metadata["weights"][QWEN] != 1.0 or msg.invalid_tool_calls:
         pytest.fail(f"not the case this test is about: {msg!r}")  # a failure, not the expected one
     assert msg.tool_calls and msg.tool_calls[0]["args"] == {"city": "Paris"}, msg.content
+    # the call starts within max_tokens=6 and gets constrained_max_tokens to close, as under "any"
+    short = bound.invoke(WEATHER_QUESTION, weighting=QWEN_ONLY, max_tokens=6)
+    assert short.tool_calls == [{**msg.tool_calls[0], "id": short.tool_calls[0]["id"]}], short
+    assert short.usage_metadata["output_tokens"] > 6
 
 
 # ---------------------------------------------------------------------------------------------- structured
