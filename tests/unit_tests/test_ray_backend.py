@@ -277,3 +277,41 @@ def test_close_ends_the_actors(mixed):
             ray.get(actor.pid.remote(), timeout=30)
     with pytest.raises(MemberActorError, match="closed"):
         remote.generate(["x"], sampling=SamplingConfig(max_new_tokens=2))
+
+
+def test_a_step_sends_new_ids_and_gets_logits_only(shared, monkeypatch):
+    """What crosses per decode step: 8 bytes per row in (24 with padding: the id, one mask column, the
+    position; the mask so far stays on the actor), B x V logits out, per member."""
+    import langchain_packllm.ray_backend as rb
+
+    _, llm = shared
+    engine = llm.engine
+    sent, received = [], []
+    to_wire, from_wire = rb._to_wire, rb._from_wire
+
+    def spy_to(t):
+        wire = to_wire(t)
+        sent.append(0 if wire is None else wire[1].nbytes)
+        return wire
+
+    def spy_from(wire):
+        received.append(0 if wire is None else wire[1].nbytes)
+        return from_wire(wire)
+
+    monkeypatch.setattr(rb, "_to_wire", spy_to)
+    monkeypatch.setattr(rb, "_from_wire", spy_from)
+    V, K = engine.members[0].vocab_size, 3
+    for prompts, per_row in ((["def main("], 8), (PROMPTS, 24)):
+        B = len(prompts)
+        plan = engine.plan(prompts, 4)[0][1]
+        steps = engine.decode_steps(plan, WeightingConfig("uniform"), SamplingConfig(max_new_tokens=4))
+        next(steps)  # prefill
+        sent.clear(), received.clear()
+        next(steps)  # one decode step
+        assert sum(sent) == K * B * per_row  # four wire slots per forward: ids, mask, mask tail, positions
+        assert received == [B * V * 4] * K  # float32 members: their logits, nothing else
+        steps.close()
+    from langchain_packllm.lab.bench_ray import prompt_bytes, step_bytes
+
+    assert step_bytes(3, 1, 152_000, 2) == {"in": 24, "out": 912_000}
+    assert prompt_bytes(3, 1, 512, 152_000, 2) == {"in": 12_288, "out": 466_944_000}
