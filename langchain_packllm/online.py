@@ -16,7 +16,8 @@ and a re-solve minimises that quadratic over the simplex (the active-set method 
 :func:`~langchain_packllm.weights._simplex_qp`, on ``K``-sized arrays: microseconds, no pass over scores),
 warm-started from the current weights. The state is ``K * K + K + 2`` floats per row, plus each member's
 negative log-likelihood so far (``K`` floats), from which ``sim`` and ``top1`` re-solve exactly. Per token
-the update costs one pass over the ``K`` rows of scores (``O(K^2 V)``), about what the mix itself costs.
+the update costs a few passes over the ``K`` rows of scores (``O(K^2 V)``, in the scores' dtype, at least
+float32; the sums in float64): a few times what the mix itself costs, small next to the members' forwards.
 
 The model is exact at the points it was expanded at; it is an approximation elsewhere (the exact
 re-solve would keep every position's ``(K, V)`` scores, which grows with the text). ``docs/RESULTS.md``
@@ -35,10 +36,11 @@ __all__ = ["ONLINE_STRATEGIES", "OnlineWeights", "check_online"]
 
 ONLINE_STRATEGIES = ("optimal", "sim", "top1")
 
-# Scores are clamped here before the statistics (float64): -inf (a member ruling a token out) would give
-# 0 * inf = NaN in the moments; a finite stand-in of this size keeps every product finite.
-_FLOOR = -1e30
-_BLOCK_ELEMENTS = 1 << 22  # float64 elements of one block of scores in observe (32 MiB)
+# Scores are clamped here before the statistics: -inf (a member ruling a token out; the scorer's stand-in
+# for it is the dtype's lowest value) would give 0 * inf = NaN in the moments. Logits and log-probs of
+# real tokens lie far above this floor.
+_FLOOR = -1e4
+_BLOCK_ELEMENTS = 1 << 22  # elements of one block of scores in observe (16 MiB in float32)
 
 
 def check_online(weighting, every: int | None) -> None:
@@ -80,7 +82,7 @@ class OnlineWeights:
         self.weighting, self.every, self.tau = weighting, int(every), float(tau)
         self.weights = weights.double().clone()  # (B, K)
         self.counts = list(counts)  # positions read so far, per row
-        self.nll = nll.double().clone()  # (B, K) each member's -log-likelihood so far
+        self.nll = nll.double().clone()  # (B, K) each member's -log-likelihood so far (sim, top1)
         self.linear = linear.double().clone()  # (B, K)   b
         self.hess = hess.double().clone()  # (B, K, K)  A
         self.positions = list(positions)  # the next position of each row
@@ -139,23 +141,22 @@ class OnlineWeights:
 
     def _observe(self, scores: Sequence[torch.Tensor], targets: torch.Tensor, rows: list[int]) -> None:
         device = scores[0].device
-        s = torch.stack([x.to(device, torch.float64) for x in scores]).clamp_min_(_FLOOR)  # (K, P, V)
-        K, P, V = s.shape
+        dtype = torch.promote_types(scores[0].dtype, torch.float32)
+        x = torch.stack([s.to(device, dtype) for s in scores]).clamp_min_(_FLOOR)  # (K, P, V), our own copy
+        K, P, V = x.shape
         idx = torch.as_tensor(rows)
-        y = targets.to(device).view(1, P, 1).expand(K, P, 1)
-        s_x = s.gather(-1, y).squeeze(-1)  # (K, P)
-        nll = (torch.logsumexp(s, -1) - s_x).T  # (P, K) each member's own -log p(x)
-        self.nll.index_add_(0, idx, nll.cpu())
-        if self.weighting != "optimal":
+        s_x = x.gather(-1, targets.to(device).view(1, P, 1).expand(K, P, 1))  # (K, P, 1)
+        x.sub_(s_x)  # each member's scores less its target's: cancels in f_i, keeps the moments small
+        if self.weighting != "optimal":  # each member's own -log p(x): logsumexp of the shifted scores
+            self.nll.index_add_(0, idx, torch.logsumexp(x, -1).T.double().cpu())
             return
-        w = self.weights[idx].to(device)  # (P, K)
-        fused = torch.einsum("pk,kpv->pv", w, s)  # (P, V)
-        p = torch.softmax(fused, dim=-1)
-        sp = s.transpose(0, 1)  # (P, K, V)
-        ps = sp * p[:, None, :]  # (P, K, V)
-        mean = ps.sum(-1)  # (P, K)   E_p[s_k]
-        H = torch.bmm(ps, sp.transpose(1, 2)) - mean[:, :, None] * mean[:, None, :]  # (P, K, K) Cov_p
-        g = mean - s_x.T  # (P, K)
+        w = self.weights[idx].to(device, dtype)  # (P, K)
+        p = torch.softmax(torch.einsum("pk,kpv->pv", w, x), dim=-1)  # (P, V) fused distribution
+        xp = x.transpose(0, 1)  # (P, K, V), a view
+        px = xp * p[:, None, :]  # (P, K, V)
+        g = px.sum(-1)  # (P, K)   E_p[s_k] - s_k,x: the gradient of f_i
+        H = torch.einsum("pkv,plv->pkl", px, xp) - g[:, :, None] * g[:, None, :]  # (P, K, K)  Cov_p
+        g, H, w = g.double(), H.double(), w.double()
         Hw = torch.bmm(H, w[:, :, None]).squeeze(-1)  # (P, K)
         self.linear.index_add_(0, idx, (g - Hw).cpu())
         self.hess.index_add_(0, idx, H.cpu())
@@ -192,19 +193,36 @@ class OnlineWeights:
         position ``c`` predicting ``targets[c]``. Each block of ``every`` positions is read with the weights
         solved on everything before it, exactly as decoding those tokens would."""
         K, C, V = scores.shape
+        out = torch.empty(C, V, dtype=torch.float64, device=scores.device)
+        for c, block in self._read(scores, targets, row):
+            out[c : c + block.shape[0]] = block
+        return out
+
+    @torch.inference_mode()
+    def target_logprobs(self, scores: torch.Tensor, targets: torch.Tensor, row: int = 0) -> torch.Tensor:
+        """:meth:`fused_logprobs` at the targets only, ``(C,)``, without the ``(C, V)`` tensor."""
+        out = torch.empty(targets.shape[0], dtype=torch.float64, device=scores.device)
+        for c, block in self._read(scores, targets, row):
+            n = block.shape[0]
+            out[c : c + n] = block.gather(-1, targets[c : c + n, None].to(block.device))[:, 0]
+        return out
+
+    def _read(self, scores: torch.Tensor, targets: torch.Tensor, row: int):
+        """Blocks ``(start, fused log-probs (n, V))`` of a known continuation, each read with the weights in
+        use there; the statistics are added and the weights re-solved as they pass."""
+        K, C, V = scores.shape
         if targets.shape != (C,):
             raise ValueError(
-                f"fused_logprobs: {C} positions of scores but targets of shape {tuple(targets.shape)}."
+                f"{C} positions of scores but targets of shape {tuple(targets.shape)}; pass one target per "
+                "position."
             )
-        out = torch.empty(C, V, dtype=torch.float64, device=scores.device)
         c = 0
         while c < C:
-            n = min(C - c, self.every - self.seen[row] % self.every)
+            n = min(C - c, self.every - self.seen[row] % self.every, max(1, _BLOCK_ELEMENTS // V))
             block = scores[:, c : c + n]  # (K, n, V)
             w = self.weights[row].to(block)
-            out[c : c + n] = torch.log_softmax(torch.einsum("k,knv->nv", w, block).double(), dim=-1)
+            yield c, torch.log_softmax(torch.einsum("k,knv->nv", w, block).double(), dim=-1)
             self.observe(list(block.unbind(0)), targets[c : c + n], [row] * n)
             if self.due(row):
                 self.resolve([row])
             c += n
-        return out

@@ -3,6 +3,7 @@ tests of several modules."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -32,3 +33,39 @@ def plain_bits_per_byte(members, text: str) -> list[float]:
         nll = -sum(float(lp[i - 1, ids[i]]) for i in range(start, len(ids)))
         out.append(nll / math.log(2) / (len(text) - offsets[start][0]))
     return out
+
+
+def quadratic(lp: torch.Tensor, y: int, w: torch.Tensor):
+    """One position's loss ``f(w) = logsumexp(sum_k w_k lp_k) - sum_k w_k lp_k[y]``: its value, gradient
+    and Hessian at ``w`` (``lp`` is ``(K, V)``)."""
+    fused = w @ lp
+    p = torch.softmax(fused, -1)
+    mean = lp @ p
+    second = (lp * p) @ lp.T
+    return float(torch.logsumexp(fused, -1) - w @ lp[:, y]), mean - lp[:, y], second - torch.outer(mean, mean)
+
+
+def simplex_qp_by_supports(terms) -> torch.Tensor:
+    """argmin over the simplex of ``sum_i f_i + g_i.(w - w_i) + (w - w_i)^T H_i (w - w_i) / 2``: the
+    equality-constrained minimum on every support, kept when feasible; the lowest wins."""
+    K = terms[0][1].shape[0]
+    A = sum(H for _, _, H, _ in terms)
+    b = sum(g - H @ wi for _, g, H, wi in terms)
+
+    def value(w):
+        return float(b @ w + 0.5 * w @ A @ w)
+
+    best, best_w = float("inf"), None
+    for size in range(1, K + 1):
+        for support in itertools.combinations(range(K), size):
+            S = list(support)
+            kkt = torch.zeros(size + 1, size + 1, dtype=torch.float64)
+            kkt[:size, :size] = A[S][:, S]
+            kkt[:size, size] = kkt[size, :size] = 1.0
+            rhs = torch.cat([-b[S], torch.ones(1, dtype=torch.float64)])
+            sol = torch.linalg.lstsq(kkt, rhs).solution
+            w = torch.zeros(K, dtype=torch.float64)
+            w[S] = sol[:size]
+            if bool((w >= -1e-12).all()) and value(w.clamp_min(0)) < best - 1e-15:
+                best, best_w = value(w.clamp_min(0)), w.clamp_min(0) / w.clamp_min(0).sum()
+    return best_w

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from langchain_packllm import weights as W
 from langchain_packllm.engine import FusionEngine
+from langchain_packllm.online import OnlineWeights
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +207,7 @@ class EvalResult:
         ]
         lines.append("| method | " + " | ".join(f"K={k}" for k in ks) + " |")
         lines.append("|---" * (len(ks) + 1) + "|")
-        rows = [m for m in FUSION_METHODS if any(m in self.nll[k] for k in ks)]
-        for method in ["single", *rows]:
+        for method in ["single", *self.fusion_rows()]:
             cells = []
             for k in ks:
                 if method == "single":
@@ -220,6 +220,13 @@ class EvalResult:
             label = "single expert (mean)" if method == "single" else method
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+    def fusion_rows(self) -> list[str]:
+        """The fusion methods scored at some K, in the usual order, then those with online weights
+        (``method@N``) in the order they were scored."""
+        scored = [m for per_k in self.nll.values() for m in per_k if m not in self.members]
+        known = [m for m in FUSION_METHODS if m in scored]
+        return known + [m for m in dict.fromkeys(scored) if m not in known]
 
     def _best(self, k: int, domain: str | None) -> float:
         vals = [self._cell(k, m, domain) for m in self.methods(k)]
@@ -255,7 +262,7 @@ class EvalResult:
 
         ks = sorted(self.nll)
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method in ["single", *FUSION_METHODS]:
+        for method in ["single", *self.fusion_rows()]:
             xs, ys = [], []
             for k in ks:
                 if method == "single":
@@ -269,7 +276,7 @@ class EvalResult:
             if method == "single":
                 ys = [y * (1 if self.lower_is_better else 100) for y in ys]
             if xs:
-                style = "-o" if method in ("optimal", "greedy") else "--."
+                style = "-o" if method.split("@")[0] in ("optimal", "greedy") else "--."
                 ax.plot(xs, ys, style, label="single expert (mean)" if method == "single" else method)
         ax.set_xlabel("number of experts K")
         ax.set_ylabel({"ppl": "perplexity", "bpb": "bits per byte"}.get(self.metric, "accuracy (%)"))
@@ -309,9 +316,13 @@ def _score_subset(
     *,
     router: TfidfRouter | None,
     grid_step: float,
+    reweight_every: int | None = None,
 ) -> None:
     """Score the rest of one document with the members ``idx``: each alone when ``k == 1``, else every
     method with weights solved on the prompt. ``count`` is what the NLL is divided by (tokens or bytes).
+    ``reweight_every=N`` adds a row ``method@N`` for each method that can follow the text (optimal,
+    top1, sim-tau): weights re-solved every N tokens on the prompt and the rest scored so far
+    (:class:`~langchain_packllm.online.OnlineWeights`, as decoding does).
 
     ``prompt`` is ``(logprobs (N, T_p, V), targets (T_p,), text)`` and ``rest`` ``(logprobs (N, T_r, V),
     targets (T_r,))``, over all N members. Returns nothing; adds to ``result`` (averaged over subsets).
@@ -335,6 +346,23 @@ def _score_subset(
             acc = result.weights.setdefault(method, {}).setdefault(domain, [0.0] * len(names))
             for i, v in zip(idx, w.tolist()):
                 acc[i] += v
+        online = _online_strategy(method) if reweight_every else None
+        if online is not None:
+            strategy, tau = online
+            sol = W.solve_with_stats(strategy, p_lp[idx], p_y, tau=tau)
+            n_p = p_y.numel()
+            state = OnlineWeights.start(strategy, reweight_every, [sol], [n_p], [n_p + 1], tau=tau)
+            nll = -float(state.target_logprobs(r_lp[idx], r_y).sum())
+            result.add(k, f"{method}@{reweight_every}", domain, nll / n_subsets, count / n_subsets)
+
+
+def _online_strategy(method: str) -> tuple[str, float] | None:
+    """The strategy and tau of an evaluation method whose weights can follow the text, else None."""
+    if method in ("optimal", "top1"):
+        return method, 1.0
+    if method.startswith("sim-"):
+        return "sim", float(method[4:])
+    return None
 
 
 def evaluate_lm(
@@ -348,8 +376,10 @@ def evaluate_lm(
     grid_step: float = 0.05,
     min_tokens: int = 16,
     progress: bool = True,
+    reweight_every: int | None = None,
 ) -> EvalResult:
-    """Perplexity of every method on held-out ``documents`` (domain -> texts), paper protocol."""
+    """Perplexity of every method on held-out ``documents`` (domain -> texts), paper protocol.
+    ``reweight_every=N`` adds the rows ``method@N`` (weights that follow the text, see _score_subset)."""
     names, router, methods, groups = _prepare(engine, expert_texts, methods, ks)
     result = EvalResult("language modelling", "ppl", names, list(documents))
     limit = max_tokens or engine.max_length or 512
@@ -374,7 +404,7 @@ def evaluate_lm(
                 for combo in combos:
                     _score_subset(
                         result, k, list(combo), len(combos), methods, prompt, rest, domain,
-                        rest[1].numel(), router=router, grid_step=grid_step,
+                        rest[1].numel(), router=router, grid_step=grid_step, reweight_every=reweight_every,
                     )  # fmt: skip
         result.finish_domain(domain, used)
     bar.close()
@@ -391,6 +421,7 @@ def evaluate_lm_bytes(
     grid_step: float = 0.05,
     min_tokens: int = 16,
     progress: bool = True,
+    reweight_every: int | None = None,
 ) -> EvalResult:
     """The language-modelling protocol for packs whose members have different tokenizers, in bits per byte.
 
@@ -432,7 +463,7 @@ def evaluate_lm_bytes(
                     rest = (lp[:, n_p - 1 :], targets[n_p - 1 :])
                     _score_subset(
                         result, k, idx, len(combos), methods, prompt, rest, domain, n_bytes,
-                        router=router, grid_step=grid_step,
+                        router=router, grid_step=grid_step, reweight_every=reweight_every,
                     )  # fmt: skip
         result.finish_domain(domain, used)
     bar.close()
@@ -581,10 +612,11 @@ def _eval(args) -> int:
         ks=_parse_ks(args.ks),
         grid_step=args.grid_step,
     )
+    online = {"reweight_every": args.reweight_every}
     if args.task == "lm" and engine.alignment != "none":
-        result = evaluate_lm_bytes(engine, documents, **common)
+        result = evaluate_lm_bytes(engine, documents, **common, **online)
     elif args.task == "lm":
-        result = evaluate_lm(engine, documents, **common)
+        result = evaluate_lm(engine, documents, **common, **online)
     else:
         result = evaluate_mc(engine, documents, **common)
     table = result.markdown()
@@ -616,8 +648,9 @@ def _eval_real(args) -> int:
     documents = real_eval_documents(args.docs)
     methods = [m for m in args.methods.split(",") if m != "cbtm"]
     result = evaluate_lm_bytes(
-        engine, documents, methods=methods, ks=_parse_ks(args.ks), grid_step=args.grid_step
-    )
+        engine, documents, methods=methods, ks=_parse_ks(args.ks), grid_step=args.grid_step,
+        reweight_every=args.reweight_every,
+    )  # fmt: skip
     table = result.markdown()
     print(table)
     if args.out:
@@ -647,6 +680,14 @@ def add_eval_commands(sub) -> None:
     p.add_argument("--methods", default=",".join(FUSION_METHODS))
     p.add_argument("--ks", default="1,2,4,all", help="pack sizes, comma-separated ('all' = every expert)")
     p.add_argument("--grid-step", type=float, default=0.05)
+    p.add_argument(
+        "--reweight-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="lm: also score optimal, top1 and sim with weights re-solved every N tokens on the text so far "
+        "(rows method@N)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--install", action="store_true", help="apt-get install missing Debian corpora (root)")

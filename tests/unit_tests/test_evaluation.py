@@ -19,6 +19,7 @@ from langchain_packllm.lab.evaluation import (
     lm_prompt_length,
 )
 from langchain_packllm.members import load_member
+from tests.naive import quadratic, simplex_qp_by_supports
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,34 @@ def test_mc_questions_and_accuracy(engine: FusionEngine, tmp_path) -> None:
     assert result.docs["code"] == 6
     result.plot(str(tmp_path / "mc.png"))
     assert (tmp_path / "mc.png").stat().st_size > 1000
+
+
+def test_lm_eval_online_rows_match_plain_schedule(engine: FusionEngine) -> None:
+    """``reweight_every=N``: the rest is scored N tokens at a time, each block with the weights minimising
+    the prompt's and the scored text's quadratic models (naive support enumeration in tests/naive.py)."""
+    every = 8
+    docs = {"code": stdlib_docs("c*.py", 2)}
+    result = evaluate_lm(
+        engine, docs, methods=("optimal", "uniform"), ks=(3,), progress=False, reweight_every=every
+    )
+    assert "optimal@8" in result.nll[3] and "uniform@8" not in result.nll[3]
+    nll, count = 0.0, 0
+    for text in docs["code"]:
+        ids = engine.encode(text)[: engine.max_length]
+        n_p = min(32, int(0.2 * len(ids)))
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            lp = torch.stack(
+                [torch.log_softmax(m.model(input_ids=x).logits[0, :-1].float(), -1) for m in engine.members]
+            ).double()
+        y = x[0, 1:]
+        w = W.solve("optimal", lp[:, : n_p - 1], y[: n_p - 1])
+        terms = [(*quadratic(lp[:, i], int(y[i]), w), w) for i in range(n_p - 1)]
+        for c, i in enumerate(range(n_p - 1, len(ids) - 1)):
+            nll -= float(torch.log_softmax(w @ lp[:, i], -1)[y[i]])
+            terms.append((*quadratic(lp[:, i], int(y[i]), w), w))
+            if (c + 1) % every == 0:
+                w = simplex_qp_by_supports(terms)
+        count += len(ids) - n_p
+    assert result.score(3, "optimal@8", "code") == pytest.approx(math.exp(nll / count), rel=1e-3)
+    assert "optimal@8" in result.markdown().split("by number of experts")[1]

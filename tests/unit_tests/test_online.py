@@ -5,8 +5,6 @@ list, and the quadratic minimised over the simplex by trying every support (no a
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -16,7 +14,7 @@ from langchain_packllm.alignment import MinEDMap
 from langchain_packllm.members import load_member
 from langchain_packllm.online import OnlineWeights
 from langchain_packllm.testing import make_tiny_model, stdlib_text, train_metaspace_tokenizer
-from tests.naive import mined_cols
+from tests.naive import mined_cols, quadratic, simplex_qp_by_supports
 
 PROMPTS = ["def main(argv):\n    return", "import os\nimport sys\n", "The value of x is"]
 
@@ -72,42 +70,6 @@ def member_logprobs(members, ref: int, ids: list[int]) -> torch.Tensor:
                 logits = mined_cols(m.model(input_ids=torch.tensor([inp])).logits[0].double(), mined)
             out.append(torch.log_softmax(logits, -1))
     return torch.stack(out)
-
-
-def quadratic(lp: torch.Tensor, y: int, w: torch.Tensor):
-    """One position's loss ``f(w) = logsumexp(sum_k w_k lp_k) - sum_k w_k lp_k[y]``: its value, gradient
-    and Hessian at ``w`` (``lp`` is ``(K, V)``)."""
-    fused = w @ lp
-    p = torch.softmax(fused, -1)
-    mean = lp @ p
-    second = (lp * p) @ lp.T
-    return float(torch.logsumexp(fused, -1) - w @ lp[:, y]), mean - lp[:, y], second - torch.outer(mean, mean)
-
-
-def simplex_qp_by_supports(terms) -> torch.Tensor:
-    """argmin over the simplex of ``sum_i f_i + g_i.(w - w_i) + (w - w_i)^T H_i (w - w_i) / 2``: the
-    equality-constrained minimum on every support, kept when feasible; the lowest wins."""
-    K = terms[0][1].shape[0]
-    A = sum(H for _, _, H, _ in terms)
-    b = sum(g - H @ wi for _, g, H, wi in terms)
-
-    def value(w):
-        return float(b @ w + 0.5 * w @ A @ w)
-
-    best, best_w = float("inf"), None
-    for size in range(1, K + 1):
-        for support in itertools.combinations(range(K), size):
-            S = list(support)
-            kkt = torch.zeros(size + 1, size + 1, dtype=torch.float64)
-            kkt[:size, :size] = A[S][:, S]
-            kkt[:size, size] = kkt[size, :size] = 1.0
-            rhs = torch.cat([-b[S], torch.ones(1, dtype=torch.float64)])
-            sol = torch.linalg.lstsq(kkt, rhs).solution
-            w = torch.zeros(K, dtype=torch.float64)
-            w[S] = sol[:size]
-            if bool((w >= -1e-12).all()) and value(w.clamp_min(0)) < best - 1e-15:
-                best, best_w = value(w.clamp_min(0)), w.clamp_min(0) / w.clamp_min(0).sum()
-    return best_w
 
 
 def naive_online_greedy(members, ref: int, prompt: str, n: int, every: int):
