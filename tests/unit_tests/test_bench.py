@@ -91,3 +91,16 @@ def test_align_section_is_asked_for_by_name() -> None:
     assert "align" not in _config(parse(["bench"]))[1]  # it needs the real pack: never run by default
     # the baseline's tie-breaks: distance, then the longest common prefix, then the lowest index
     assert _exhaustive_nearest(["cat", "dogs", "zz"], ["cap", "cab", "dog", "dot", "a", "b"]) == [0, 2, 4]
+
+
+def test_reweight_section_compares_online_with_prompt_only_weights() -> None:
+    cfg = BenchConfig(
+        vocab_size=300, hidden=32, layers=1, ks=(1, 2), batch_sizes=(2,), decode_prompt=8, decode_tokens=3,
+        repeats=1, reweight_every=2,
+    )  # fmt: skip
+    results = run_all(cfg, only=("reweight",))
+    (row,) = results.reweight  # K=1 has no weights to follow
+    assert (row["K"], row["batch"], row["every"]) == (2, 2, 2) and row["steps"] == 4
+    assert math.isfinite(row["online_throughput_ratio"]) and row["online_throughput_ratio"] > 0
+    assert row["state_bytes_per_row"] == 8 * (4 + 6 + 3)
+    assert "Weights that follow the text" in format_results(results)
