@@ -32,10 +32,15 @@ def main() -> None:
     from langchain_packllm import FusionEngine, SamplingConfig, WeightingConfig
     from langchain_packllm.lab.pack.real import REAL_NAMES, real_pack_paths
     from langchain_packllm.members import load_member
-    from langchain_packllm.ray_backend import load_ray_engine
+    from langchain_packllm.ray_backend import LOCAL_SYSTEM_CONFIG, load_ray_engine
 
     paths = real_pack_paths()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config=LOCAL_SYSTEM_CONFIG,
+    )
     local = FusionEngine([load_member(p, name=n, device="cpu") for p, n in zip(paths, REAL_NAMES)])
     remote = load_ray_engine(
         paths, names=REAL_NAMES, device="cpu", member_resources=[{"torch_threads": args.threads}] * 3

@@ -56,11 +56,16 @@ def bench_ray(
     import ray
 
     from langchain_packllm.lab.bench import fused_step_seconds, member_step_seconds, random_prompts
-    from langchain_packllm.ray_backend import load_ray_engine
+    from langchain_packllm.ray_backend import LOCAL_SYSTEM_CONFIG, load_ray_engine
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            _system_config=LOCAL_SYSTEM_CONFIG,
+        )
     rows = []
     try:
         noop = ray.remote(lambda: None)

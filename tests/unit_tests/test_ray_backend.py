@@ -19,6 +19,7 @@ from langchain_packllm.testing import make_tiny_model, stdlib_text, train_metasp
 ray = pytest.importorskip("ray")
 
 from langchain_packllm.ray_backend import (  # noqa: E402
+    LOCAL_SYSTEM_CONFIG,
     MemberActorError,
     RayFusionEngine,
     check_member_resources,
@@ -33,7 +34,7 @@ def cluster(tmp_path_factory):
     home = tmp_path_factory.mktemp("packllm-home")
     mp = pytest.MonkeyPatch()
     mp.setenv("PACKLLM_HOME", str(home))  # the actors inherit it: alignment maps and conversions stay here
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG)
     # A CPU matrix product's reduction order depends on the thread count: the in-process engine runs with
     # the actors' one thread (Ray's default) so that floats, not only tokens, compare equal.
     threads = torch.get_num_threads()
@@ -209,6 +210,25 @@ def test_actor_killed_mid_stream_then_next_call_succeeds(shared):
     sampling = SamplingConfig(max_new_tokens=8)
     _same_outputs(local.generate(PROMPTS, sampling=sampling), engine.generate(PROMPTS, sampling=sampling))
     assert ray.get(victim.model.actor.pid.remote()) != old_pid  # the restarted actor served it
+
+
+def _raise_oom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_names_the_member_and_the_driver_stays_usable(shared):
+    local, llm = shared
+    engine = llm.engine
+    victim = engine.members[2]
+    actor = victim.model.actor
+    ray.get(actor.__ray_call__.remote(lambda w: setattr(w.member.model, "forward", _raise_oom)))
+    try:
+        with pytest.raises(MemberActorError, match=f"{victim.name!r}.*out of device memory"):
+            engine.generate(PROMPTS, sampling=SamplingConfig(max_new_tokens=3))
+    finally:
+        ray.get(actor.__ray_call__.remote(lambda w: w.member.model.__dict__.pop("forward", None)))
+    sampling = SamplingConfig(max_new_tokens=5)
+    _same_outputs(local.generate(PROMPTS, sampling=sampling), engine.generate(PROMPTS, sampling=sampling))
 
 
 @pytest.mark.parametrize(
