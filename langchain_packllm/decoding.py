@@ -396,8 +396,7 @@ def _follow(online: OnlineWeights, source, scores, next_ids: torch.Tensor, rows:
     source's mix with their new weights."""
     if not rows:
         return
-    index = torch.as_tensor(rows, device=next_ids.device)
-    online.observe([s.index_select(0, index.to(s.device)) for s in scores], next_ids[index], rows)
+    online.push(scores, next_ids, rows)  # observed in one pass per re-solve (bounded by every steps)
     due = [b for b in rows if online.due(b)]
     if due:
         online.resolve(due)

@@ -88,6 +88,8 @@ class OnlineWeights:
         self.positions = list(positions)  # the next position of each row
         self.seen = [0] * len(self.counts)  # tokens observed since the prompt
         self.solves = 0  # re-solves so far (any row)
+        self._pending: list = []  # decode steps pushed but not yet observed (see push)
+        self._waiting = [0] * len(self.counts)  # pending steps per row
         self.trajectory = [[(p, w)] for p, w in zip(self.positions, self.weights.tolist())]
 
     @classmethod
@@ -161,13 +163,39 @@ class OnlineWeights:
         self.linear.index_add_(0, idx, (g - Hw).cpu())
         self.hess.index_add_(0, idx, H.cpu())
 
+    def push(self, scores: Sequence[torch.Tensor], targets: torch.Tensor, rows: Sequence[int]) -> None:
+        """:meth:`observe` one decode step later, all pending steps at once (:meth:`flush`, before a
+        re-solve): fewer, larger passes than one per step. ``scores`` are the step's ``K`` tensors
+        ``(B, V)`` (held, not copied: step sources make new ones each step), ``targets`` ``(B,)``, ``rows``
+        the rows that read this step. What is held is bounded by ``every`` steps."""
+        self._pending.append((list(scores), targets, list(rows)))
+        for b in rows:
+            self._waiting[b] += 1
+
+    def flush(self) -> None:
+        """Add the pending steps' statistics (see :meth:`push`)."""
+        pending, self._pending = self._pending, []
+        self._waiting = [0] * len(self._waiting)
+        rows = [b for _, _, r in pending for b in r]
+        if not rows:
+            return
+        index = [torch.as_tensor(r, device=t.device) for _, t, r in pending]
+        scores = [
+            torch.cat([s[k].index_select(0, i.to(s[k].device)) for (s, _, _), i in zip(pending, index)])
+            for k in range(len(pending[0][0]))
+        ]
+        targets = torch.cat([t.index_select(0, i) for (_, t, _), i in zip(pending, index)])
+        self.observe(scores, targets, rows)
+
     def due(self, b: int) -> bool:
-        """Whether row ``b`` has read ``every`` tokens since its last solve."""
-        return self.seen[b] > 0 and self.seen[b] % self.every == 0
+        """Whether row ``b`` has read ``every`` tokens since its last solve (pending steps included)."""
+        seen = self.seen[b] + self._waiting[b]
+        return seen > 0 and seen % self.every == 0
 
     def resolve(self, rows: Sequence[int]) -> None:
         """Re-solve the weights of ``rows`` on their text so far (warm-started from the current ones) and
         record them in the trajectory."""
+        self.flush()
         for b in rows:
             n = self.counts[b]
             if n == 0:

@@ -616,17 +616,25 @@ def bench_memory(members: list[Member], cfg: BenchConfig, progress: Callable[[st
 # ---------------------------------------------------------------------------------------------- reweight
 
 
-def bench_reweight(members: list[Member], cfg: BenchConfig, progress: Callable[[str], None]) -> list[dict]:
+def bench_reweight(
+    members: list[Member],
+    cfg: BenchConfig,
+    progress: Callable[[str], None],
+    prompts: Callable[[FusionEngine, int, int, int], list[str]] | None = None,
+) -> list[dict]:
     """Decode throughput with weights that follow the text (``reweight_every=cfg.reweight_every``) against
     weights solved once on the prompt (``optimal`` both), interleaved repeats, and what the online state
-    holds."""
+    holds. ``prompts(engine, count, length, seed)``: the prompts (default: random bench words)."""
     rows, every = [], cfg.reweight_every
     online = WeightingConfig("optimal", reweight_every=every)
     plain = WeightingConfig("optimal")
     for K in [k for k in cfg.ks if k > 1]:
         engine = FusionEngine(members[:K])
         for B in cfg.batch_sizes:
-            batch = random_prompts(cfg.vocab_size, cfg.decode_prompt, B, cfg.seed + B)
+            if prompts is None:
+                batch = random_prompts(cfg.vocab_size, cfg.decode_prompt, B, cfg.seed + B)
+            else:
+                batch = prompts(engine, B, cfg.decode_prompt, cfg.seed + B)
             steps = max(cfg.decode_tokens, 2 * every)  # at least two re-solves per run
             for weighting in (plain, online):  # warm-up
                 fused_step_seconds(engine, batch, steps, no_eos=True, weighting=weighting)
@@ -665,7 +673,7 @@ def bench_reweight(members: list[Member], cfg: BenchConfig, progress: Callable[[
 
 # ---------------------------------------------------------------------------------------------- real pack
 
-REAL_SECTIONS = ("decode", "ttft", "batch")
+REAL_SECTIONS = ("decode", "ttft", "batch", "reweight")
 # The real pack's sizes (--pack real): its members' cached steps take tens to hundreds of milliseconds on a
 # CPU, so fewer steps and repeats than the toy members. K = 2 is SmolLM2 + Gemma 3, K = 3 the whole pack.
 REAL_BENCH = dict(ks=(2, 3), batch_sizes=(1, 3), decode_prompt=64, decode_tokens=8, ttft_prompt=256,
@@ -838,6 +846,8 @@ def _run_real(cfg, only, progress, results: BenchResults, start: float) -> Bench
         results.ttft = bench_ttft_real(members, cfg, progress)
     if "batch" in only:
         results.batch = bench_batch(members, cfg, progress)
+    if "reweight" in only:
+        results.reweight = bench_reweight(members, cfg, progress, prompts=_real_prompts)
     if "align" in only:
         results.align = bench_align(cfg, progress)
     results.seconds = time.perf_counter() - start
