@@ -1,14 +1,15 @@
 """Why a small batch decodes slower than its prompts one by one on this CPU: a matrix product of a few rows
 (a batched decode step, M = batch size) against a member's weight costs several times one row's.
 
-    python benchmarks/cpu_small_batch_matmul.py  # ms per torch.nn.functional.linear, 2 threads
+    python benchmarks/cpu_small_batch_matmul.py [threads]  # ms per torch.nn.functional.linear (default 2)
 """
 
+import sys
 import time
 
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
 
 
 def ms(f, n: int = 6) -> float:
