@@ -25,15 +25,7 @@ PROMPTS = ["def main(argv):\n    return", "import os\n", "The value of x is"]
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PACKLLM_HOME", str(tmp_path_factory.mktemp("packllm-home")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def members(tmp_path_factory, tiny_paths, home):
+def members(tmp_path_factory, tiny_paths, module_home):
     """[GPT-2 member without BOS, Llama member whose tokenizer adds <s>] in float64."""
     root = tmp_path_factory.mktemp("bos")
     tok = train_metaspace_tokenizer(stdlib_text(200_000), vocab_size=300)

@@ -30,15 +30,7 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def cache_home(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PACKLLM_HOME", str(tmp_path_factory.mktemp("packllm-home")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def toks(cache_home):
+def toks(module_home):
     text = stdlib_text(120_000)
     return {"bl": train_bytelevel_tokenizer(text, 400), "sp": train_metaspace_tokenizer(text, 300)}
 

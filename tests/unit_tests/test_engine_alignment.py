@@ -12,35 +12,9 @@ from langchain_packllm import FusionEngine, PackLLM, SamplingConfig, WeightingCo
 from langchain_packllm.alignment import MinEDMap
 from langchain_packllm.members import load_member
 from langchain_packllm.testing import (
-    make_tiny_model,
     stdlib_text,
-    train_metaspace_tokenizer,
 )
 from tests.naive import mined_cols, plain_bits_per_byte
-
-
-@pytest.fixture(scope="module")
-def mixed_paths(tmp_path_factory, tiny_paths) -> list[str]:
-    """A byte-level BPE GPT-2 member (from the shared tiny pack) and a Metaspace BPE Llama member."""
-    root = tmp_path_factory.mktemp("mixed")
-    tok = train_metaspace_tokenizer(stdlib_text(200_000), vocab_size=300)
-    model = make_tiny_model("llama", tok, seed=5)
-    model.save_pretrained(root / "llama-sp")
-    tok.save_pretrained(root / "llama-sp")
-    return [tiny_paths[0], str(root / "llama-sp")]
-
-
-@pytest.fixture(scope="module")
-def mixed64(mixed_paths, tmp_path_factory, monkeypatch_module):
-    return [load_member(p, torch_dtype="float64", device="cpu") for p in mixed_paths]
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PACKLLM_HOME", str(tmp_path_factory.mktemp("packllm-home")))
-    yield mp
-    mp.undo()
 
 
 def naive_mined_greedy(members, ref: int, weights, prompt: str, n: int) -> list[int]:

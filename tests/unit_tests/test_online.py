@@ -13,7 +13,6 @@ from langchain_packllm import weights as W
 from langchain_packllm.alignment import MinEDMap
 from langchain_packllm.members import load_member
 from langchain_packllm.online import OnlineWeights
-from langchain_packllm.testing import make_tiny_model, stdlib_text, train_metaspace_tokenizer
 from tests.naive import mined_cols, quadratic, simplex_qp_by_supports
 
 PROMPTS = ["def main(argv):\n    return", "import os\nimport sys\n", "The value of x is"]
@@ -22,24 +21,6 @@ PROMPTS = ["def main(argv):\n    return", "import os\nimport sys\n", "The value 
 @pytest.fixture(scope="module")
 def members64(tiny_paths):
     return [load_member(p, torch_dtype="float64", device="cpu") for p in tiny_paths]
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PACKLLM_HOME", str(tmp_path_factory.mktemp("packllm-home")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def mixed64(tmp_path_factory, tiny_paths, home):
-    """A byte-level BPE GPT-2 member (the shared tiny pack's) and a Metaspace BPE Llama member."""
-    root = tmp_path_factory.mktemp("mixed-online")
-    tok = train_metaspace_tokenizer(stdlib_text(200_000), vocab_size=300)
-    make_tiny_model("llama", tok, seed=5).save_pretrained(root / "llama-sp")
-    tok.save_pretrained(root / "llama-sp")
-    return [load_member(p, torch_dtype="float64", device="cpu") for p in (tiny_paths[0], root / "llama-sp")]
 
 
 # ---------------------------------------------------------------------------------------------- naive

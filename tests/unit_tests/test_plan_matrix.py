@@ -66,14 +66,6 @@ class Pick(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PACKLLM_HOME", str(tmp_path_factory.mktemp("packllm-home")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def metaspace_path(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("metaspace")
     tok = train_metaspace_tokenizer(stdlib_text(200_000), vocab_size=300)
@@ -84,7 +76,7 @@ def metaspace_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def members(home, metaspace_path, tiny_paths):
+def members(module_home, metaspace_path, tiny_paths):
     """[Metaspace Llama, byte-level GPT-2], float64 on the CPU."""
     return [load_member(p, torch_dtype="float64", device="cpu") for p in (metaspace_path, tiny_paths[0])]
 

@@ -14,7 +14,6 @@ import torch
 
 from langchain_packllm import ChatPackLLM, FusionEngine, PackLLM, SamplingConfig, WeightingConfig
 from langchain_packllm.members import load_member
-from langchain_packllm.testing import make_tiny_model, stdlib_text, train_metaspace_tokenizer
 
 ray = pytest.importorskip("ray")
 
@@ -43,17 +42,6 @@ def cluster(tmp_path_factory):
     torch.set_num_threads(threads)
     ray.shutdown()
     mp.undo()
-
-
-@pytest.fixture(scope="module")
-def mixed_paths(tmp_path_factory, tiny_paths) -> list[str]:
-    """A byte-level BPE GPT-2 member and a Metaspace BPE Llama member: MinED alignment."""
-    root = tmp_path_factory.mktemp("ray-mixed")
-    tok = train_metaspace_tokenizer(stdlib_text(200_000), vocab_size=300)
-    model = make_tiny_model("llama", tok, seed=5)
-    model.save_pretrained(root / "llama-sp")
-    tok.save_pretrained(root / "llama-sp")
-    return [tiny_paths[0], str(root / "llama-sp")]
 
 
 @pytest.fixture(scope="module")
