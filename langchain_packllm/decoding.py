@@ -264,9 +264,17 @@ class CachedSteps:
     """Scores from the members' KV caches over a left-padded batch (shared vocabulary and MinED).
 
     Built from the prefill (:meth:`start`): it holds the caches, the attention mask and position ids
-    (only when some row is padded), and the last position's scores of the members that carry weight."""
+    (only when some row is padded), and the last position's scores of the members that carry weight.
 
-    def __init__(self, scorer: Scorer, plan: Plan, prefill, mixer: Mixer):
+    ``lazy`` (weights that follow the text): a member at weight 0 in every row skips its steps, as in
+    prompt-only decoding, but the ids it missed are kept; :meth:`catch_up`, called before a re-solve, runs
+    it over them in one forward and gives its scores of the missed steps (the re-solve needs every member's
+    scores at every position). Its cache is then up to date, so it can take weight again at once. What is
+    kept: the missed ids (and positions), at most ``reweight_every`` steps of them."""
+
+    lazy_members = True  # catch_up brings members that skipped steps up to date
+
+    def __init__(self, scorer: Scorer, plan: Plan, prefill, mixer: Mixer, lazy: bool = False):
         self.scorer, self.reference, self.mixer = scorer, plan.reference, mixer
         self.caches = prefill.caches
         self.views = prefill.views
@@ -274,18 +282,54 @@ class CachedSteps:
         self.mask = prefill.attention_mask if prefill.padded else None
         self.positions = prefill.attention_mask.sum(-1, keepdim=True) if prefill.padded else None  # (B, 1)
         self.ones = None if self.mask is None else torch.ones_like(self.mask[:, :1])
-        self.scores = [prefill.last[k] if k in mixer.active else None for k in range(len(scorer.members))]
+        K = len(scorer.members)
+        # the prefill ran every member: a lazy call keeps every last row (free), else only the active ones
+        self.scores = [prefill.last[k] if lazy or k in mixer.active else None for k in range(K)]
+        self.lazy = lazy
+        self.behind = [0] * K  # steps each member skipped since it last ran (lazy only)
+        self.missed: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # those steps' (ids, positions)
 
     def advance(self, next_ids: torch.Tensor, tokens: list[int]) -> list[torch.Tensor | None]:
         ids = next_ids[:, None]  # (B, 1)
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.ones], dim=1)
+        active = self.mixer.active
         self.scores = self.scorer.step(
-            self.reference, ids, self.mask, self.positions, self.caches, self.mixer.active, self.views
+            self.reference, ids, self.mask, self.positions, self.caches, active, self.views
         )
+        if self.lazy and len(active) < len(self.behind):
+            self.missed.append((ids, self.positions))
+            for k in range(len(self.behind)):
+                if k not in active:
+                    self.behind[k] += 1
         if self.positions is not None:
             self.positions = self.positions + 1
         return self.scores
+
+    def catch_up(self) -> dict[int, list[torch.Tensor]]:
+        """Run every member that skipped steps over the ids it missed, one forward each (concurrently across
+        devices): ``{k: [scores (B, V) of each missed step, oldest first]}``. Each list holds the scores the
+        member would have given at those steps, had it run them (up to the rounding of one forward of ``n``
+        tokens against ``n`` forwards of one)."""
+        late = [k for k, n in enumerate(self.behind) if n]
+        if not late:
+            return {}
+        names = [m.name for m in self.scorer.members]
+        out: dict[int, list[torch.Tensor]] = {}
+        for n in sorted({self.behind[k] for k in late}):  # members behind by as many steps: one read
+            group = [k for k in late if self.behind[k] == n]
+            steps = self.missed[len(self.missed) - n :]
+            ids = torch.cat([i for i, _ in steps], dim=1)  # (B, n)
+            pos = None if self.positions is None else torch.cat([p for _, p in steps], dim=1)
+            read = self.scorer.read(self.reference, ids, self.mask, pos, self.caches, group, self.views)
+            for k in group:
+                logits = read[k]  # (B, n, V)
+                if bool((logits.isnan() | logits.isposinf()).any() | logits.isneginf().all(-1).any()):
+                    raise_bad_scores([logits.flatten(0, 1)], [names[k]])
+                out[k] = list(logits.unbind(1))
+        self.behind = [0] * len(self.behind)
+        self.missed = []
+        return out
 
 
 class PrefixSteps:
@@ -293,6 +337,8 @@ class PrefixSteps:
     decode with their KV caches; every other member follows the growing text with its own tokens
     (``bytealign.MemberTextState``: re-encode a tail window, crop its cache, forward the new tokens) with the
     reference's row as prior. Every row is smoothed before the mix (Eq. 1)."""
+
+    lazy_members = False  # every member runs every step (weights that follow the text: Mixer keep_all)
 
     def __init__(self, scorer: Scorer, plan: Plan, ids: list[int], mixer: Mixer):
         from langchain_packllm import bytealign
@@ -362,8 +408,9 @@ def decode_loop(
     once. Every step costs the active members' cached forwards, the mix, and one host transfer (the chosen
     ids and the NaN flags together); the prompt ids are extended only for logits processors that read them.
     ``online``: weights that follow the text; each step's scores and chosen tokens are added to it, and
-    every ``online.every`` tokens a row's weights are re-solved and the mix rebuilt (its source's mixer
-    must read every member: ``Mixer.build(..., keep_all=True)``).
+    every ``online.every`` tokens a row's weights are re-solved and the mix rebuilt. A source with
+    ``lazy_members`` (:class:`CachedSteps`) lets members at weight 0 skip their steps and catches them up
+    before each re-solve; any other source's mixer reads every member (``Mixer.build(..., keep_all=True)``).
     """
     ref = plan.reference
     stopping = Stopping(ref, sampling.stop, track_text)
@@ -399,9 +446,15 @@ def _follow(online: OnlineWeights, source, scores, next_ids: torch.Tensor, rows:
     online.push(scores, next_ids, rows)  # observed in one pass per re-solve (bounded by every steps)
     due = [b for b in rows if online.due(b)]
     if due:
+        lazy = source.lazy_members
+        if lazy:  # members that skipped steps at weight 0: their scores of those steps, in one forward
+            for k, missed in source.catch_up().items():
+                online.fill(k, missed)
         online.resolve(due)
         mixer = source.mixer
-        source.mixer = Mixer.build(online.weights, mixer.weights.device, mixer.weights.dtype, keep_all=True)
+        source.mixer = Mixer.build(
+            online.weights, mixer.weights.device, mixer.weights.dtype, keep_all=not lazy
+        )
 
 
 @torch.inference_mode()

@@ -272,8 +272,9 @@ class FusionEngine:
         self.scorer.recycle(pre.scores)  # decoding needs only the caches and the last logits
         pre.scores = None
         weights = torch.stack([s.weights for s in solutions])
-        mixer = Mixer.build(weights, self.mix_device, pre.last.dtype, keep_all=_follows(config))
-        return reports, solutions, (lambda: CachedSteps(self.scorer, plan, pre, mixer))
+        mixer = Mixer.build(weights, self.mix_device, pre.last.dtype)
+        lazy = _follows(config)  # members at weight 0 skip steps and catch up before each re-solve
+        return reports, solutions, (lambda: CachedSteps(self.scorer, plan, pre, mixer, lazy=lazy))
 
     def _prefix_prefill(self, plan: Plan, config: WeightingConfig):
         """Weights for one prompt under ``alignment="prefix"``: every member reads its own tokens and its
@@ -508,7 +509,9 @@ class FusionEngine:
 
 
 def _follows(config: WeightingConfig) -> bool:
-    """Whether a call's weights follow the text (then decoding reads every member at every step)."""
+    """Whether a call's weights follow the text (then every member's scores are read at every position:
+    under ``alignment="prefix"`` every member runs every step; otherwise members at weight 0 skip steps and
+    catch up in one forward before each re-solve)."""
     return config.reweight_every is not None
 
 

@@ -167,13 +167,28 @@ class OnlineWeights:
         """:meth:`observe` one decode step later, all pending steps at once (:meth:`flush`, before a
         re-solve): fewer, larger passes than one per step. ``scores`` are the step's ``K`` tensors
         ``(B, V)`` (held, not copied: step sources make new ones each step), ``targets`` ``(B,)``, ``rows``
-        the rows that read this step. What is held is bounded by ``every`` steps."""
+        the rows that read this step; a member that skipped the step (weight 0 in every row) has ``None``,
+        filled in with :meth:`fill` before the next flush. What is held is bounded by ``every`` steps."""
         self._pending.append((list(scores), targets, list(rows)))
         for b in rows:
             self._waiting[b] += 1
 
+    def fill(self, k: int, scores: Sequence[torch.Tensor]) -> None:
+        """Member ``k``'s scores ``(B, V)`` for the pending steps pushed without them (``None`` in its place:
+        it skipped those steps at weight 0), oldest first; :meth:`flush` needs every member's scores."""
+        missing = [step for step in self._pending if step[0][k] is None]
+        if len(missing) != len(scores):
+            raise ValueError(
+                f"member {k} has {len(missing)} pending steps without scores but {len(scores)} were given"
+            )
+        for step, x in zip(missing, scores):
+            step[0][k] = x
+
     def flush(self) -> None:
-        """Add the pending steps' statistics (see :meth:`push`)."""
+        """Add the pending steps' statistics (see :meth:`push`; a member's missing scores: :meth:`fill`)."""
+        gaps = sorted({k for s, _, _ in self._pending for k, x in enumerate(s) if x is None})
+        if gaps:
+            raise ValueError(f"pending steps lack the scores of members {gaps}; give them with fill()")
         pending, self._pending = self._pending, []
         self._waiting = [0] * len(self._waiting)
         rows = [b for _, _, r in pending for b in r]

@@ -247,16 +247,36 @@ class Scorer:
     ) -> list[torch.Tensor | None]:
         """One cached decode step of the ``active`` members: their raw next-token logits ``(B, V)`` on their
         own devices (``None`` for the others, whose weight is 0 in every row: their forward is skipped, and
-        their cache, never read again, falls behind). ``views``: the prefill's :class:`StartView` per
-        member (a member that read its own BOS or skipped the reference's gets its own mask and positions)."""
+        their cache falls behind; :meth:`read` brings it up to date). ``views``: the prefill's
+        :class:`StartView` per member (a member that read its own BOS or skipped the reference's gets its
+        own mask and positions)."""
+        return [
+            None if x is None else x[:, -1]
+            for x in self.read(ref, next_ids, mask, positions, caches, active, views)
+        ]
+
+    def read(
+        self,
+        ref: Reference,
+        ids,
+        mask,
+        positions,
+        caches,
+        members: Sequence[int],
+        views: Sequence[StartView | None] | None = None,
+    ) -> list[torch.Tensor | None]:
+        """Cached forwards of ``members`` over ``n`` new reference ids ``(B, n)`` at once (``n`` decode steps
+        in one forward): each one's raw logits ``(B, n, V)`` on its own device, ``None`` for the others.
+        ``mask`` is the whole attention mask so far (``(B, L')``, its last ``n`` columns those of ``ids``)
+        and ``positions`` the ids' positions ``(B, n)``, both None when no row is padded."""
 
         def one(k: int) -> torch.Tensor:
             view = views[k] if views is not None else None
             if view is None or mask is None:
-                return self.logits(ref, k, next_ids, mask, positions, caches[k])[:, -1]
-            return self.logits(ref, k, next_ids, view.mask(mask), view.positions(positions), caches[k])[:, -1]
+                return self.logits(ref, k, ids, mask, positions, caches[k])
+            return self.logits(ref, k, ids, view.mask(mask), view.positions(positions), caches[k])
 
-        return self.run_members(one, active)
+        return self.run_members(one, members)
 
     def pad(self, ref: Reference, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad reference ids: ``(B, L)`` ids and attention mask on the mix device."""

@@ -172,21 +172,83 @@ def test_online_batch_equals_one_by_one(members64) -> None:
             assert p == q and list(a.values()) == pytest.approx(list(b.values()), abs=1e-6)
 
 
-def test_zero_weight_members_are_read_when_the_weights_follow_the_text(members64) -> None:
-    """Prompt-only decoding skips a member at weight 0; online weights may give it weight later, so every
-    member is scored at every step (top1 starts with two members at 0)."""
-    engine = FusionEngine(members64)
-    calls = {k: 0 for k in range(3)}
-    original = engine.scorer.step
+def naive_scheduled_greedy(members, ref: int, prompt: str, n: int, schedule):
+    """Greedy decoding with given weights: ``schedule`` lists ``(position, weights)``, the weights in use from
+    that token position on. Also returns, at each scheduled position after the first, every member's
+    perplexity on the text before it (what a ``top1`` re-solve there reads)."""
+    tok = members[ref].tokenizer
+    ids = list(tok(prompt)["input_ids"])
+    out, ppls = [], []
+    for _ in range(n):
+        w = torch.tensor([v for p, v in schedule if p <= len(ids)][-1], dtype=torch.float64)
+        lp = member_logprobs(members, ref, ids)  # (K, L, V)
+        if any(p == len(ids) for p, _ in schedule[1:]):
+            nll = -lp[:, :-1].gather(-1, torch.tensor(ids[1:]).expand(len(members), -1)[..., None])
+            ppls.append(torch.exp(nll.mean((1, 2))))
+        nxt = int(torch.argmax(w @ lp[:, -1]))
+        if nxt == tok.eos_token_id:
+            break
+        out.append(nxt)
+        ids.append(nxt)
+    return out, ppls
 
-    def counting(ref, ids, mask, positions, caches, active, views):
+
+@pytest.mark.parametrize("alignment", ["none", "mined"])
+def test_zero_weight_members_skip_steps_and_catch_up_in_one_forward(
+    members64, mixed64, alignment, monkeypatch
+) -> None:
+    """A member at weight 0 in every row skips its decode steps and, before each re-solve, reads the ids it
+    missed in one forward. Here every solve puts all weight on the member that predicts the text worst (a
+    member left behind regains weight once the text is not its own): the tokens equal the naive decoder's (full forwards, every member,
+    every step) on a padded batch with the reference not first, and each re-solve reads the perplexities
+    of the text so far, the skipped members' included."""
+    members = members64 if alignment == "none" else mixed64
+    K, every, n = len(members), 3, 12
+    seen: list[torch.Tensor] = []
+
+    def worst(ppl: torch.Tensor) -> torch.Tensor:  # top1 turned round: weight moves at most solves
+        seen.append(ppl.clone())
+        w = torch.zeros(K, dtype=torch.float64)
+        w[int(torch.argmax(ppl))] = 1.0
+        return w
+
+    monkeypatch.setattr(W, "top1", worst)
+    engine = FusionEngine(members, alignment=alignment)
+    ref = engine.reference(K - 1)
+    reads: dict[int, list[int]] = {k: [] for k in range(K)}
+    original = engine.scorer.read
+
+    def counting(ref_, ids, mask, positions, caches, active, views=None):
         for k in active:
-            calls[k] += 1
-        return original(ref, ids, mask, positions, caches, active, views)
+            reads[k].append(ids.shape[1])
+        return original(ref_, ids, mask, positions, caches, active, views)
 
-    engine.scorer.step = counting
-    engine.generate([PROMPTS[0]], WeightingConfig("top1", reweight_every=2), SamplingConfig(max_new_tokens=6))
-    assert calls[0] == calls[1] == calls[2] > 0
+    engine.scorer.read = counting
+    config, sampling = WeightingConfig("top1", reweight_every=every), SamplingConfig(max_new_tokens=n)
+    outs = engine.generate(PROMPTS, config, sampling, reference=ref)
+    moves = 0
+    for prompt, out in zip(PROMPTS, outs):
+        schedule = [(p, list(w.values())) for p, w in out.report.trajectory]
+        moves += sum(a[1] != b[1] for a, b in zip(schedule, schedule[1:]))
+        want, _ = naive_scheduled_greedy(members, K - 1, prompt, n, schedule)
+        assert out.token_ids == want, prompt
+    assert moves >= 2, "the weights never moved: the test does not exercise a member regaining weight"
+    steps = max(len(o.token_ids) for o in outs) - 1  # decode advances after the first token
+    assert all(sum(sizes) <= steps for sizes in reads.values())  # no id read twice
+    caught_up = 0
+    for prompt in PROMPTS:  # one row: the re-solves' perplexities against the naive ones
+        seen.clear()
+        reads = {k: [] for k in range(K)}
+        out = engine.generate([prompt], config, sampling, reference=ref)[0]
+        assert all(sum(sizes) <= len(out.token_ids) - 1 for sizes in reads.values())
+        caught_up += sum(s > 1 for sizes in reads.values() for s in sizes)
+        schedule = [(p, list(w.values())) for p, w in out.report.trajectory]
+        _, ppls = naive_scheduled_greedy(members, K - 1, prompt, n, schedule)
+        online = seen[-len(ppls) :] if ppls else []
+        assert len(ppls) == len(schedule) - 1
+        for got, want in zip(online, ppls):
+            assert got.tolist() == pytest.approx(want.tolist(), rel=1e-6)
+    assert caught_up >= 2, "no member caught up"
 
 
 # ---------------------------------------------------------------------------------------------- scoring
