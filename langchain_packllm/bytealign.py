@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from langchain_packllm.alignment import (
     PrefixMap,
@@ -47,7 +46,7 @@ from langchain_packllm.alignment import (
     _map_special,
     tokenizer_surfaces,
 )
-from langchain_packllm.members import cache_kwargs
+from langchain_packllm.members import cache_kwargs, new_cache
 
 # Default smoothing of mapped member log-probs before Eq. 1 (see smooth_logprobs and docs/ALIGNMENT.md).
 DEFAULT_EPSILON = 1e-4
@@ -516,7 +515,7 @@ class MemberTextState:
     data: bytes = b""  # the complete text so far (UTF-8)
     held: bytes = b""  # trailing bytes of an incomplete character
     enc: EncodedText | None = None  # the member's tokens of `data` (what the cache holds)
-    cache: Any = None  # DynamicCache over enc.ids
+    cache: Any = None  # the KV cache over enc.ids (members.new_cache: a DynamicCache in process)
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> (V_m,) log-probs after it
     forwarded_tokens: int = 0  # tokens fed to the model so far (prefill + every step)
 
@@ -606,7 +605,7 @@ class MemberTextState:
         for pos in [p for p in self.rows if p >= keep]:
             del self.rows[pos]
         if self.cache is None or keep == 0:
-            self.cache, keep, self.rows = DynamicCache(config=self.model.config), 0, {}
+            self.cache, keep, self.rows = new_cache(self.model), 0, {}
         elif self.cache.get_seq_length() > keep:
             self.cache.crop(keep - self.cache.get_seq_length())  # a negative count: drop that many entries
         self.enc = new

@@ -22,10 +22,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from langchain_packllm import weights as weights_lib
 from langchain_packllm.config import FusionReport, SamplingConfig, WeightingConfig
+from langchain_packllm.members import new_cache
 from langchain_packllm.online import OnlineWeights
 from langchain_packllm.reference import Plan, Reference
 from langchain_packllm.scoring import Scorer, last_logprobs
@@ -357,7 +357,7 @@ class PrefixSteps:
         self.input_ids = torch.tensor([ids], device=dev)  # (1, L)
         self.mask = torch.ones_like(self.input_ids)
         positions = torch.arange(self.input_ids.shape[1], device=dev)[None]
-        self.caches = {k: DynamicCache(config=members[k].model.config) for k in self.direct}
+        self.caches = {k: new_cache(members[k].model) for k in self.direct}
         rows = {
             k: last_logprobs(scorer.logits(ref, k, self.input_ids, self.mask, positions, self.caches[k])).to(
                 dev

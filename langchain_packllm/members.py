@@ -34,6 +34,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    DynamicCache,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -358,3 +359,11 @@ def cache_kwargs(module: Any, cache: Any) -> dict[str, Any]:
     """``{name: cache}`` for ``module(...)``: the KV cache under the argument name the installed
     transformers expects (see :func:`_cache_argument`)."""
     return {_cache_argument(type(module)): cache}
+
+
+def new_cache(model: Any) -> Any:
+    """A fresh KV cache for one call of a member's ``model``: a ``DynamicCache``, or what the model's own
+    ``new_cache()`` makes (a member in a Ray actor: a driver-side stand-in whose ``get_seq_length`` and
+    ``crop`` act on the actor's cache, ``ray_backend.RemoteCache``)."""
+    factory = getattr(model, "new_cache", None)
+    return factory() if callable(factory) else DynamicCache(config=model.config)

@@ -24,8 +24,17 @@ the call; when that object is collected (the call ended or its stream was abando
 actor's cache. An actor that dies or runs out of memory raises :class:`MemberActorError` naming the
 member; Ray restarts the actor (``max_restarts``) and the next call runs on the restarted one.
 
-``alignment="prefix"`` is not available on this backend: it follows the text with each member's own KV
-cache from the driver (``bytealign.MemberTextState``), which has no remote counterpart yet.
+Under ``alignment="prefix"`` a member of another tokenizer follows the text with its own tokens
+(``bytealign.MemberTextState``): it asks its cache how many positions it holds and crops it back to the
+common prefix when re-encoding the text changes its last tokens. A remote member's driver-side cache is a
+:class:`RemoteCache` (made by :meth:`RemoteModel.new_cache`, the seam ``members.new_cache`` calls): it
+counts the positions the actor's cache holds, and a crop becomes "crop to n", sent with the next forward
+and applied on the actor before it runs (no cache crosses). Per step such a member sends the ``s``
+tokens it forwards (their ids and positions, 16 bytes each: usually one token, a few when the re-encoding
+changed them; a pending crop as one integer) and gets back their logits (``s x V`` in the member's
+dtype). Per call every member
+forwards its own tokenization of the prompt twice, as in-process (for the weight solve, then to fill its
+cache), so its ``L_k x V_k`` logits come back twice.
 
 Ray is imported only when this backend is used (``pip install 'langchain-packllm[ray]'``).
 """
@@ -153,10 +162,11 @@ class MemberWorker:
         }
 
     @torch.inference_mode()
-    def forward(self, key, new, input_ids, attention_mask, mask_tail, position_ids, kwargs):
+    def forward(self, key, new, crop, input_ids, attention_mask, mask_tail, position_ids, kwargs):
         """The model's logits on member ids. ``key``: the call's cache (None: no cache); ``new``: the
-        call's first forward (its cache is made here); ``mask_tail``: columns appended to the mask this
-        actor holds for ``key`` (instead of the whole ``attention_mask``)."""
+        call's first forward (its cache is made here); ``crop``: keep only the first ``crop`` positions of
+        that cache (and of its mask) before this forward (None: keep all); ``mask_tail``: columns appended
+        to the mask this actor holds for ``key`` (instead of the whole ``attention_mask``)."""
         model, dev = self.member.model, self.member.device
         ids = _from_wire(input_ids).to(dev)
         mask = _from_wire(attention_mask)
@@ -170,6 +180,11 @@ class MemberWorker:
                     )
                 entry = self.caches[key] = [DynamicCache(config=model.config), None]
             cache = entry[0]
+            if crop is not None:
+                if cache.get_seq_length() > crop:
+                    cache.crop(crop - cache.get_seq_length())  # a negative count: drop that many entries
+                if entry[1] is not None:
+                    entry[1] = entry[1][:, :crop]
             if mask_tail is not None:
                 mask = torch.cat([entry[1], _from_wire(mask_tail)], dim=1)
             entry[1] = mask
@@ -222,6 +237,8 @@ class _CallHandle:
         self.key = next(self._keys)
         self.sent = False
         self.mask: torch.Tensor | None = None  # the mask the actor holds for this call
+        self.length = 0  # positions the actor's cache holds once the forwards sent so far have run
+        self.crop: int | None = None  # "keep the first n positions", sent with the next forward
         finalizer = weakref.finalize(cache, _free_remote, remote, self)
         finalizer.atexit = False
 
@@ -239,6 +256,37 @@ def _free_remote(remote: RemoteModel, handle: _CallHandle) -> None:
         actor.free.remote(handle.key)
     except Exception:  # noqa: BLE001 - Ray shut down or the actor gone: nothing left to free
         pass
+
+
+class RemoteCache:
+    """The driver's side of one call's KV cache on a member's actor (:meth:`RemoteModel.new_cache`): the
+    cache itself lives on the actor; this object carries the call's :class:`_CallHandle` (made on its
+    first forward) and answers what a member's ``DynamicCache`` is asked on the driver (by
+    ``bytealign.MemberTextState``): how many positions it holds, and ``crop``, which takes effect on the
+    actor with the next forward."""
+
+    __slots__ = ("_packllm_ray", "__weakref__")
+
+    def __init__(self):
+        self._packllm_ray: _CallHandle | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        handle = self._packllm_ray
+        return 0 if handle is None else handle.length
+
+    def crop(self, max_length: int) -> None:
+        """As ``DynamicCache.crop``: a negative count drops that many positions from the end; a count
+        >= 0 keeps that many."""
+        handle = self._packllm_ray
+        if handle is None:
+            return
+        keep = handle.length + max_length if max_length < 0 else max_length
+        if keep >= handle.length:
+            return
+        keep = max(keep, 0)
+        handle.length, handle.crop = keep, keep
+        if handle.mask is not None:
+            handle.mask = handle.mask[:, :keep]
 
 
 class RemoteModel:
@@ -268,6 +316,11 @@ class RemoteModel:
     def eval(self) -> RemoteModel:
         return self
 
+    def new_cache(self) -> RemoteCache:
+        """A call's KV cache (see ``members.new_cache``): a :class:`RemoteCache` on the driver, a
+        ``DynamicCache`` on the actor from the call's first forward."""
+        return RemoteCache()
+
     def __call__(self, *args, **kwargs) -> _Output:
         return self.forward(*args, **kwargs)
 
@@ -282,7 +335,7 @@ class RemoteModel:
         ray = require_ray()
         if self.actor is None:
             raise MemberActorError(self.name, "the engine was closed; build a new one.")
-        key, new, tail, mask, handle = None, False, None, attention_mask, None
+        key, new, crop, tail, mask, handle = None, False, None, None, attention_mask, None
         if past_key_values is not None:
             handle = getattr(past_key_values, "_packllm_ray", None)
             if handle is None:
@@ -299,11 +352,13 @@ class RemoteModel:
                 tail, mask = mask[:, sent.shape[1] :], None
             handle.mask = attention_mask
             handle.sent = True
+            crop, handle.crop = handle.crop, None
+            handle.length += input_ids.shape[1]
         args = (_to_wire(input_ids), _to_wire(mask), _to_wire(tail), _to_wire(position_ids), kwargs)
         deadline = time.monotonic() + self.restart_timeout_s
         while True:
             try:
-                return _Output(_from_wire(ray.get(self.actor.forward.remote(key, new, *args))))
+                return _Output(_from_wire(ray.get(self.actor.forward.remote(key, new, crop, *args))))
             except ray.exceptions.ActorUnavailableError as err:
                 # The actor is restarting. A call's first forward (nothing of it lives on the actor yet)
                 # waits for it; a call mid-decode lost its KV cache and fails.
@@ -344,8 +399,6 @@ class RayFusionEngine(FusionEngine):
     the actors. Build one with :func:`load_ray_engine` (or ``PackLLM.from_model_ids(..., backend="ray")``)."""
 
     def __init__(self, members: Sequence[Member], alignment: str = "auto"):
-        if alignment == "prefix":
-            raise ValueError(_NO_PREFIX)
         super().__init__(members, mix_device="cpu", alignment=alignment)
         K = len(self.members)
         if K > 1:  # one driver thread per member: the actors' forwards run concurrently
@@ -378,12 +431,6 @@ class RayFusionEngine(FusionEngine):
                 except Exception:  # noqa: BLE001 - RayActorError: it is gone
                     break
                 time.sleep(0.05)
-
-
-_NO_PREFIX = (
-    "alignment='prefix' is not available with backend='ray' (its members follow the text with their own "
-    "KV caches from the driver); use alignment='mined' or 'auto', or backend='inprocess'."
-)
 
 
 def check_member_resources(member_resources: Sequence[dict[str, Any]] | None, n: int) -> list[dict]:
@@ -505,8 +552,6 @@ def load_ray_engine(
         raise ValueError("A pack needs at least one member; model_ids is empty.")
     if names is not None and len(names) != len(model_ids):
         raise ValueError(f"Got {len(names)} names for {len(model_ids)} model ids.")
-    if alignment == "prefix":
-        raise ValueError(_NO_PREFIX)
     specs = check_member_resources(member_resources, len(model_ids))
     ray = require_ray()
     connect(ray_address)

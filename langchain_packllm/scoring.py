@@ -15,11 +15,11 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from transformers import DynamicCache
 
-from langchain_packllm.members import Member, cache_kwargs
+from langchain_packllm.members import Member, cache_kwargs, new_cache
 from langchain_packllm.reference import Reference
 
 # On a CPU the engine keeps the (K, B, L, V) prompt-score buffer of a call for the next one when it holds at
@@ -41,7 +41,7 @@ class PrefillScores:
     input_ids: torch.Tensor  # (B, L) on the mix device
     attention_mask: torch.Tensor  # (B, L) on the mix device
     padded: bool  # whether some row is padded (then forwards take the mask and position ids)
-    caches: list[DynamicCache | None]
+    caches: list[Any]  # per member: its KV cache (members.new_cache) or None
     last: torch.Tensor
     views: list[StartView | None] | None = None  # per member: how its start differs from the reference's
 
@@ -302,7 +302,7 @@ class Scorer:
         positions = (mask.cumsum(-1) - 1).clamp(min=0) if padded else None
         K, (B, L) = len(self.members), input_ids.shape
         scores = self.score_buffer((K, B, L, ref.vocab_size))
-        caches = [DynamicCache(config=m.model.config) if use_cache else None for m in self.members]
+        caches = [new_cache(m.model) if use_cache else None for m in self.members]
         run_mask = mask if padded else None
         views = [self._start_view(ref, k, batch, L) for k in range(K)]
         self.run_members(

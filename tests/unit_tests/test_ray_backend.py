@@ -180,6 +180,133 @@ def test_mixed_vocabularies_equal_in_process(mixed):
     assert remote.loglikelihood(ll)[0].logprob == local.loglikelihood(ll)[0].logprob
 
 
+# ---------------------------------------------------------------------------------------------- prefix
+
+
+# Under alignment="prefix" each prompt picks its reference by bits per byte: member 0 (byte-level BPE) for
+# the first and last, member 1 (Metaspace) for the second, so each member follows the other's text once.
+PREFIX_PROMPTS = ["def main():\n    return", "        return None\n", "x"]
+
+
+@pytest.fixture(scope="module")
+def prefix(mixed_paths):
+    """The mixed pair under alignment="prefix": in-process, and on Ray (actors that reserve no CPU, so they
+    place next to the ``mixed`` pair's)."""
+    local = FusionEngine([load_member(p, device="cpu") for p in mixed_paths], alignment="prefix")
+    resources = [{"num_cpus": 0, "torch_threads": 1}] * 2
+    remote = load_ray_engine(mixed_paths, member_resources=resources, alignment="prefix")
+    yield local, remote
+    remote.close()
+
+
+@pytest.fixture
+def crops(monkeypatch):
+    """Every crop of a member's cache on the driver, in-process (DynamicCache) and on Ray (RemoteCache)."""
+    from transformers import DynamicCache
+
+    from langchain_packllm.ray_backend import RemoteCache
+
+    seen = {"inprocess": [], "ray": []}
+    for cls, key in ((DynamicCache, "inprocess"), (RemoteCache, "ray")):
+
+        def spy(self, n, _crop=cls.crop, _seen=seen[key]):
+            _seen.append(n)
+            return _crop(self, n)
+
+        monkeypatch.setattr(cls, "crop", spy)
+    return seen
+
+
+def test_prefix_batch_equals_in_process_with_either_reference(prefix, crops):
+    local, remote = prefix
+    assert remote.alignment == local.alignment == "prefix"
+    sampling = SamplingConfig(max_new_tokens=8)
+    want = local.generate(PREFIX_PROMPTS, sampling=sampling)
+    got = remote.generate(PREFIX_PROMPTS, sampling=sampling)
+    _same_outputs(want, got)
+    assert [o.report.reference for o in got] == [remote.names[i] for i in (0, 1, 0)]
+    # re-encoding the growing text changed a member's last tokens: its cache was cropped, on both paths
+    assert crops["ray"] == crops["inprocess"] and len(crops["ray"]) >= 3
+    for weighting in ("optimal", [0.3, 0.7]):
+        config = WeightingConfig(weighting=weighting)
+        _same_outputs(
+            local.generate(PREFIX_PROMPTS[:2], config, sampling),
+            remote.generate(PREFIX_PROMPTS[:2], config, sampling),
+        )
+
+
+def test_prefix_stream_equals_in_process(prefix):
+    local, remote = prefix
+    sampling = SamplingConfig(max_new_tokens=10)
+    for prompt in PREFIX_PROMPTS[:2]:
+        want = [c.text for c in local.stream(prompt, sampling=sampling)]
+        got = [c.text for c in remote.stream(prompt, sampling=sampling)]
+        assert got == want and len(got) > 2
+    # the reference forced to member 1 for a prompt that would pick member 0
+    ref_local, ref_remote = local.reference(1), remote.reference(1)
+    want = list(local.stream(PREFIX_PROMPTS[0], sampling=sampling, reference=ref_local))
+    got = list(remote.stream(PREFIX_PROMPTS[0], sampling=sampling, reference=ref_remote))
+    assert [c.text for c in got] == [c.text for c in want]
+    assert got[-1].output.token_ids == want[-1].output.token_ids
+    assert got[-1].output.report.reference == remote.names[1]
+
+
+def test_prefix_crop_reaches_the_actor(prefix, crops, monkeypatch):
+    """A crop on the driver is applied on the actor with the next forward: while the stream runs the actor's
+    cache holds as many positions as the driver's RemoteCache says, and the text state forwarded more
+    tokens than its text has (it re-fed the tokens after each crop)."""
+    from langchain_packllm import bytealign
+    from langchain_packllm.ray_backend import RemoteModel
+
+    _, remote = prefix
+    made, states = [], []
+    new_cache, start = RemoteModel.new_cache, bytealign.MemberTextState.start
+
+    def spy_new_cache(self):
+        made.append((self, new_cache(self)))
+        return made[-1][1]
+
+    def spy_start(self, *args, **kwargs):
+        states.append(self)
+        return start(self, *args, **kwargs)
+
+    monkeypatch.setattr(RemoteModel, "new_cache", spy_new_cache)
+    monkeypatch.setattr(bytealign.MemberTextState, "start", spy_start)
+    checked = 0
+    for _ in remote.stream(PREFIX_PROMPTS[0], sampling=SamplingConfig(max_new_tokens=10)):
+        for model, cache in made:
+            handle = cache._packllm_ray
+            if handle is None or handle.crop is not None:
+                continue  # not sent yet, or a crop waits for the next forward
+            held = ray.get(
+                model.actor.__ray_call__.remote(lambda w, key: w.caches[key][0].get_seq_length(), handle.key)
+            )
+            assert held == cache.get_seq_length() == handle.length
+            checked += 1
+    assert crops["ray"] and checked > 2
+    (state,) = states
+    assert state.forwarded_tokens > len(state.enc.ids)
+    made.clear()
+
+
+def test_prefix_report_loglikelihood_and_freed_caches(prefix):
+    local, remote = prefix
+    for prompt in PREFIX_PROMPTS[:2]:
+        assert remote.report(prompt).weights == local.report(prompt).weights
+    requests = [("def main():", "\n    return 1")]
+    with pytest.raises(RuntimeError, match="alignment='mined'") as want:
+        local.loglikelihood(requests)
+    with pytest.raises(RuntimeError) as got:
+        remote.loglikelihood(requests)
+    assert str(got.value) == str(want.value)
+    remote.generate(PREFIX_PROMPTS, sampling=SamplingConfig(max_new_tokens=4))
+    stream = remote.stream(PREFIX_PROMPTS[1], sampling=SamplingConfig(max_new_tokens=30))
+    next(stream)
+    assert max(ray.get([a.cached_calls.remote() for a in remote.actors])) >= 1
+    del stream
+    assert _cached_calls(remote) == [0, 0]
+
+
 # ---------------------------------------------------------------------------------------------- faults
 
 
@@ -244,11 +371,6 @@ def test_resource_check_accepts_good_specs():
         "num_gpus": 1,
         "torch_threads": 4,
     }
-
-
-def test_prefix_alignment_is_refused(mixed_paths):
-    with pytest.raises(ValueError, match="prefix.*not available with backend='ray'"):
-        load_ray_engine(mixed_paths, alignment="prefix")
 
 
 def test_inprocess_rejects_ray_arguments(tiny_paths):
