@@ -120,6 +120,18 @@ def test_shared_weightings_equal(shared, weighting):
     )
 
 
+@pytest.mark.parametrize("weighting", ["top1", "optimal"])
+def test_weights_that_follow_the_text_equal(shared, mixed, weighting):
+    """reweight_every on Ray: members at weight 0 skip steps and catch up with one multi-token forward on
+    their actors (top1 leaves two of three behind), on a padded batch and on a mixed-vocabulary pack."""
+    config, sampling = WeightingConfig(weighting, reweight_every=3), SamplingConfig(max_new_tokens=10)
+    for local, remote in (shared[0], shared[1].engine), mixed:
+        want, got = local.generate(PROMPTS, config, sampling), remote.generate(PROMPTS, config, sampling)
+        _same_outputs(want, got)
+        assert [o.report.trajectory for o in got] == [o.report.trajectory for o in want]
+        assert len(got[0].report.trajectory) > 1
+
+
 def test_shared_stream_equals_in_process(shared):
     local, llm = shared
     sampling = SamplingConfig(max_new_tokens=20)
