@@ -132,19 +132,23 @@ class OnlineWeights:
         if len(rows) == 0:
             return
         K, V = len(scores), scores[0].shape[-1]
-        step = max(1, _BLOCK_ELEMENTS // (K * V))  # positions per block: bounded float64 temporaries
+        step = max(1, _BLOCK_ELEMENTS // (K * V))  # positions per block: bounded temporaries
+        dtype = torch.promote_types(scores[0].dtype, torch.float32)
         for start in range(0, len(rows), step):
-            block = [x[start : start + step] for x in scores]
+            block = torch.stack([x[start : start + step].to(scores[0].device, dtype) for x in scores])
             self._observe(block, targets[start : start + step], list(rows[start : start + step]))
+        self._count(rows)
+
+    def _count(self, rows: Sequence[int]) -> None:
         for b in rows:
             self.counts[b] += 1
             self.seen[b] += 1
             self.positions[b] += 1
 
-    def _observe(self, scores: Sequence[torch.Tensor], targets: torch.Tensor, rows: list[int]) -> None:
-        device = scores[0].device
-        dtype = torch.promote_types(scores[0].dtype, torch.float32)
-        x = torch.stack([s.to(device, dtype) for s in scores]).clamp_min_(_FLOOR)  # (K, P, V), our own copy
+    def _observe(self, x: torch.Tensor, targets: torch.Tensor, rows: list[int]) -> None:
+        """:meth:`observe` on ``x``, the ``(K, P, V)`` scores in at least float32, which this overwrites."""
+        device, dtype = x.device, x.dtype
+        x.clamp_min_(_FLOOR)
         K, P, V = x.shape
         idx = torch.as_tensor(rows)
         s_x = x.gather(-1, targets.to(device).view(1, P, 1).expand(K, P, 1))  # (K, P, 1)
@@ -195,12 +199,24 @@ class OnlineWeights:
         if not rows:
             return
         index = [torch.as_tensor(r, device=t.device) for _, t, r in pending]
-        scores = [
-            torch.cat([s[k].index_select(0, i.to(s[k].device)) for (s, _, _), i in zip(pending, index)])
-            for k in range(len(pending[0][0]))
-        ]
         targets = torch.cat([t.index_select(0, i) for (_, t, _), i in zip(pending, index)])
-        self.observe(scores, targets, rows)
+        first = pending[0][0][0]
+        K, V, dtype = len(pending[0][0]), first.shape[-1], torch.promote_types(first.dtype, torch.float32)
+        step = max(1, _BLOCK_ELEMENTS // (K * V))  # positions per block, as in observe
+        at = 0
+        while at < len(rows):  # each block's (K, P, V) gathered straight from the held steps: one copy
+            x = torch.empty((K, min(step, len(rows) - at), V), dtype=dtype, device=first.device)
+            filled, offset = 0, 0
+            for (s, _, r), i in zip(pending, index):
+                lo, hi = max(at - offset, 0), min(at + x.shape[1] - offset, len(r))
+                if lo < hi:
+                    for k in range(K):
+                        x[k, filled : filled + hi - lo] = s[k].index_select(0, i[lo:hi].to(s[k].device))
+                    filled += hi - lo
+                offset += len(r)
+            self._observe(x, targets[at : at + x.shape[1]], rows[at : at + x.shape[1]])
+            at += x.shape[1]
+        self._count(rows)
 
     def due(self, b: int) -> bool:
         """Whether row ``b`` has read ``every`` tokens since its last solve (pending steps included)."""
