@@ -498,6 +498,10 @@ def _load_checked(path: Path, key: str, expected: dict[str, tuple[tuple[int, ...
 _PREFIX_CAP = 32  # tie-break compares at most this many leading chars
 _CDIST_BUDGET = 8_000_000  # distance-matrix cells per rapidfuzz call (uint8: 8 MB)
 _MANY_TIES = 64  # rows with more minimum-distance choices than this get their prefixes from rapidfuzz
+_INDEX_MAX_LENGTH = 24  # queries longer than this skip the neighbourhood index (they go to the scan)
+_INDEX_BUDGET = 256  # a query whose keys match more choice keys than this is left to the scan
+_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)  # polynomial hash of code-point sequences, mod 2**64
+_WILDCARD = np.uint64(0x110001)  # stands for a substituted char (codes are shifted by one: never equal)
 
 # Character classes for a lower bound on edit distance: a char whose class does not occur in the other
 # string must be substituted or deleted. ASCII splits into lower/upper letters, digits, space, the rest;
@@ -516,6 +520,18 @@ def _char_class(ch: str) -> int:
     return 4 + bisect.bisect_right(_BLOCK_STARTS, code)
 
 
+def _class_index(codes: np.ndarray) -> np.ndarray:
+    """``_char_class(chr(code))`` for an array of (non-negative) code points."""
+    ascii_classes = np.array([_char_class(chr(c)) for c in range(128)], dtype=np.int64)
+    other = 4 + np.searchsorted(np.array(_BLOCK_STARTS), codes, side="right")
+    return np.where(codes < 128, ascii_classes[np.minimum(codes, 127)], other)
+
+
+def _class_bits(codes: np.ndarray) -> np.ndarray:
+    """``1 << _char_class(chr(code))`` for an array of (non-negative) code points."""
+    return np.int64(1) << _class_index(codes)
+
+
 @dataclass
 class _Texts:
     """Per-string arrays the search needs: lengths, leading code points, class counts and masks."""
@@ -528,20 +544,73 @@ class _Texts:
 
     @classmethod
     def of(cls, texts: list[str], pad: int) -> _Texts:
-        classes: dict[str, int] = {}
-        counts = np.zeros((len(texts), _N_CLASSES), dtype=np.int32)
-        codes = np.full((len(texts), _PREFIX_CAP), pad, dtype=np.int32)
-        for row, text in enumerate(texts):
-            for ch in text:
-                k = classes.get(ch)
-                if k is None:
-                    k = classes[ch] = _char_class(ch)
-                counts[row, k] += 1
-            head = [ord(ch) for ch in text[:_PREFIX_CAP]]
-            codes[row, : len(head)] = head
-        bits = (counts > 0).astype(np.int64) << np.arange(_N_CLASSES, dtype=np.int64)
         lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        chars = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        chars = chars.astype(np.int64)
+        row = np.repeat(np.arange(len(texts)), lengths)
+        at = np.arange(len(chars)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # index in its text
+        counts = np.bincount(row * _N_CLASSES + _class_index(chars), minlength=len(texts) * _N_CLASSES)
+        counts = counts.reshape(len(texts), _N_CLASSES).astype(np.int32)
+        codes = np.full((len(texts), _PREFIX_CAP), pad, dtype=np.int32)
+        head = at < _PREFIX_CAP
+        codes[row[head], at[head]] = chars[head]
+        bits = (counts > 0).astype(np.int64) << np.arange(_N_CLASSES, dtype=np.int64)
         return cls(texts, lengths, codes, counts, bits.sum(axis=1))
+
+
+def _codes_by_length(texts: list[str], lengths: np.ndarray, max_length: int) -> dict[int, tuple]:
+    """length L -> (rows, (n, L) uint64 code points + 1) for the texts of each length up to ``max_length``."""
+    out = {}
+    for length in np.unique(lengths):
+        length = int(length)
+        if length > max_length:
+            continue
+        rows = np.nonzero(lengths == length)[0]
+        buf = "".join(texts[r] for r in rows).encode("utf-32-le", "surrogatepass")
+        codes = np.frombuffer(buf, dtype=np.uint32).reshape(len(rows), length).astype(np.uint64)
+        out[length] = (rows, codes + np.uint64(1))
+    return out
+
+
+def _hash_rows(codes: np.ndarray) -> np.ndarray:
+    """(n,) uint64 hash of each row of ``codes``, seeded with the row length (wraps mod 2**64)."""
+    h = np.full(len(codes), codes.shape[1], dtype=np.uint64)
+    for k in range(codes.shape[1]):
+        h = h * _HASH_BASE + codes[:, k]
+    return h
+
+
+def _variant_keys(groups: dict[int, tuple], kinds: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of each text's variants, and the row each came from. Kinds: ``full`` (the text), ``wild1``
+    (one char replaced by a wildcard, each position), ``del1`` / ``del2`` (one / two chars deleted)."""
+    keys, owners = [np.empty(0, np.uint64)], [np.empty(0, np.int64)]
+    for length, (rows, codes) in groups.items():
+        variants = []
+        if "full" in kinds:
+            variants.append(codes)
+        if "wild1" in kinds:
+            for p in range(length):
+                wild = codes.copy()
+                wild[:, p] = _WILDCARD
+                variants.append(wild)
+        if "del1" in kinds:
+            variants += [np.delete(codes, p, axis=1) for p in range(length)]
+        if "del2" in kinds:
+            variants += [
+                np.delete(codes, [p, q], axis=1) for p in range(length) for q in range(p + 1, length)
+            ]
+        keys += [_hash_rows(v) for v in variants]
+        owners += [rows] * len(variants)
+    return np.concatenate(keys), np.concatenate(owners)
+
+
+def _may_match(keys: np.ndarray, owners: np.ndarray, probes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``keys`` (and their owners) whose top 24 bits are those of some probe: a superset of the keys
+    equal to a probe, found with a 2 MB bitmap instead of sorting every key."""
+    seen = np.zeros(1 << 24, dtype=bool)
+    seen[probes >> np.uint64(40)] = True
+    keep = seen[keys >> np.uint64(40)]
+    return keys[keep], owners[keep]
 
 
 class _NearestSearch:
@@ -554,6 +623,17 @@ class _NearestSearch:
     query's chars in classes the block lacks; the block's classes the query lacks) exceeds that best.
     Every choice at a distance not above the final best is scanned, so the result is the exhaustive one.
     Distances come from rapidfuzz's C++ ``cdist``; query lengths are searched on ``threads`` threads.
+
+    Before the scan, a hashed neighbourhood index settles the queries whose best distance is 1 or 2 without
+    it (:meth:`_near`): every choice at distance 1 shares a key (the text with one char wildcarded, with
+    one char deleted, or whole) with the query, and every choice at distance <= 2 shares a key of up to two
+    deletions. A query whose keys found a choice at distance 1 (or, having none, at 2) has all the choices
+    at that distance in hand, so its tie-breaks are exact; the others are scanned, seeded with the best
+    choice found so far. Queries whose keys match too many choice keys (short ones) are left to the scan.
+    Each scanned query is also seeded with its longest substring that is a choice (distance: the length
+    gap), and a block whose bound only equals the best so far is skipped when none of its members could
+    win the tie (their common prefix with the query is bounded by the query's first char and the classes
+    of its leading chars; then the block's lowest index).
     """
 
     def __init__(self, queries: list[str], choices: list[str]):
@@ -561,30 +641,40 @@ class _NearestSearch:
         from rapidfuzz.distance import Levenshtein, Prefix
 
         self._cdist, self._distance, self._prefix = process.cdist, Levenshtein.distance, Prefix.similarity
+        self._cpdist = process.cpdist
         self.q = _Texts.of(queries, pad=-1)  # -1 and -2 never match: padding ends a common prefix
         self.c = _Texts.of(choices, pad=-2)
         order = np.lexsort((np.arange(len(choices)), self.c.masks, self.c.lengths))  # ascending index last
         keys = np.stack([self.c.lengths[order], self.c.masks[order]], axis=1)
         cuts = np.r_[0, np.nonzero((keys[1:] != keys[:-1]).any(axis=1))[0] + 1, len(order)]
-        self.blocks: dict[int, list[tuple[int, np.ndarray, list[str]]]] = {}
+        self.blocks: dict[int, list[tuple[int, np.ndarray, list[str], np.ndarray]]] = {}
         for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
             idx = order[lo:hi]  # one block, ascending choice index
-            block = (int(self.c.masks[idx[0]]), idx, [choices[i] for i in idx])
+            firsts = np.unique(self.c.codes[idx, 0])  # the members' first chars (tie-break bound)
+            block = (int(self.c.masks[idx[0]]), idx, [choices[i] for i in idx], firsts)
             self.blocks.setdefault(int(self.c.lengths[idx[0]]), []).append(block)
         self.max_length = int(self.c.lengths.max())
+        # per query and k: the classes of its first k + 1 chars (past its end, a class no block has), so a
+        # block can share at most as many leading chars as there are k whose classes it all has
+        heads = np.where(self.q.codes >= 0, _class_bits(self.q.codes), np.int64(1) << 62)
+        self.q_heads = np.bitwise_or.accumulate(heads, axis=1)
         n = len(queries)
         self.best = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)  # distance
         self.prefix = np.full(n, -1, dtype=np.int64)
         self.choice = np.full(n, -1, dtype=np.int64)
+        self.done = np.zeros(n, dtype=bool)  # settled by the neighbourhood index: not scanned
+        self.choices = choices
 
     def run(self, threads: int, progress_desc: str) -> np.ndarray:
-        lengths, sizes = np.unique(self.q.lengths, return_counts=True)
+        self._near(threads)
+        lengths, sizes = np.unique(self.q.lengths[~self.done], return_counts=True)
         order = [int(L) for L in lengths[np.argsort(-sizes, kind="stable")]]  # largest groups first
         with tqdm(total=len(self.q.texts), desc=progress_desc, unit="tok", delay=2.0, leave=False) as bar:
+            bar.update(int(self.done.sum()))
 
             def search(length: int) -> None:
                 self._search_length(length)
-                bar.update(int((self.q.lengths == length).sum()))
+                bar.update(int(((self.q.lengths == length) & ~self.done).sum()))
 
             if threads > 1 and len(order) > 1:
                 from concurrent.futures import ThreadPoolExecutor
@@ -596,21 +686,132 @@ class _NearestSearch:
                     search(length)
         return self.choice
 
+    def _near(self, threads: int) -> None:
+        """Settle what the neighbourhood index can (see the class docstring); seed the rest."""
+        q_groups = _codes_by_length(self.q.texts, self.q.lengths, _INDEX_MAX_LENGTH)
+        c_groups = _codes_by_length(self.c.texts, self.c.lengths, _INDEX_MAX_LENGTH + 2)
+        todo = self.q.lengths <= _INDEX_MAX_LENGTH
+        # distance <= 1: same length, one substitution (one wildcard each); one deletion from the longer
+        near1 = [(("wild1",), ("wild1",)), (("del1",), ("full",)), (("full",), ("del1",))]
+        near2 = [(("full", "del1", "del2"), ("full", "del1", "del2"))]  # distance <= 2: up to 2 deletions
+        for limit, kinds in ((1, near1), (2, near2)):
+            if todo.any():
+                todo = self._settle(q_groups, c_groups, todo, limit, kinds, threads)
+        self._seed_substrings(q_groups, c_groups, ~self.done, threads)
+
+    def _settle(self, q_groups, c_groups, todo, limit, kinds, threads) -> np.ndarray:
+        """Queries ``todo`` (none within ``limit - 1`` of any choice) against the choices sharing a key:
+        those with one within ``limit`` are settled (all such choices share a key); returns the ones to
+        look further for (the rest go to the scan, seeded with the best match found)."""
+        keep = {length: (r[todo[r]], x[todo[r]]) for length, (r, x) in q_groups.items()}
+        keep = {length: g for length, g in keep.items() if len(g[0])}
+        matched = np.zeros(len(self.q.texts), dtype=np.int64)  # choice keys matched, per query
+        spans = []
+        for q_kinds, c_kinds in kinds:
+            (qk, qo), (ck, co) = _variant_keys(keep, q_kinds), _variant_keys(c_groups, c_kinds)
+            ck, co = _may_match(ck, co, qk)
+            order = np.argsort(ck)
+            ck, co = ck[order], co[order]
+            order = np.argsort(qk)  # sorted needles: searchsorted runs through memory once
+            qk, qo = qk[order], qo[order]
+            lo, hi = np.searchsorted(ck, qk, "left"), np.searchsorted(ck, qk, "right")
+            matched += np.bincount(qo, weights=hi - lo, minlength=len(matched)).astype(np.int64)
+            spans.append((qo, lo, hi, co))
+        within = todo & (matched <= _INDEX_BUDGET)  # the others go to the scan as they are
+        pq, pc = [], []
+        for qo, lo, hi, co in spans:
+            sel = within[qo] & (hi > lo)
+            qo, lo, n = qo[sel], lo[sel], (hi - lo)[sel]
+            pq.append(np.repeat(qo, n))
+            pc.append(co[np.repeat(lo - np.cumsum(n) + n, n) + np.arange(n.sum())])
+        found = self._offer_pairs(np.concatenate(pq), np.concatenate(pc), 2 * limit, threads)
+        settled = within & (found <= limit)  # every choice at that distance was among the matches
+        self.done |= settled
+        return within & ~settled  # none within ``limit``: the next stage looks further
+
+    def _seed_substrings(self, q_groups, c_groups, todo, threads) -> None:
+        """Seed each query ``todo`` with its longest substring that is a choice (at distance exactly the
+        length gap): the scan then skips, from the start, the blocks no better than that."""
+        ck, co = _variant_keys(c_groups, ("full",))
+        if not len(ck):
+            return
+        order = np.argsort(ck)
+        ck, co = ck[order], co[order]
+        pq, pc, span = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+        with np.errstate(over="ignore"):  # hashes wrap mod 2**64
+            for length, (rows, codes) in q_groups.items():
+                rows, codes = rows[todo[rows]], codes[todo[rows]]
+                if not len(rows) or length < 2:
+                    continue
+                heads = np.zeros((len(rows), length + 1), dtype=np.uint64)  # hashes of the prefixes
+                for k in range(length):
+                    heads[:, k + 1] = heads[:, k] * _HASH_BASE + codes[:, k]
+                for m in range(1, length):  # substring length
+                    power = _HASH_BASE ** np.uint64(m)
+                    for i in range(length - m + 1):
+                        key = np.uint64(m) * power + (heads[:, i + m] - heads[:, i] * power)  # _hash_rows
+                        at = np.minimum(np.searchsorted(ck, key), len(ck) - 1)
+                        hit = ck[at] == key
+                        pq.append(rows[hit]), pc.append(co[at[hit]]), span.append(np.full(hit.sum(), m))
+        pq, pc, span = np.concatenate(pq), np.concatenate(pc), np.concatenate(span)
+        order = np.lexsort((-span, pq))  # per query, the longest first
+        first = order[np.r_[True, pq[order][1:] != pq[order][:-1]]] if len(order) else order
+        self._offer_pairs(pq[first], pc[first], None, threads)
+
+    def _offer_pairs(self, pq, pc, cutoff, threads) -> np.ndarray:
+        """Distances of the (query, choice) pairs; each query is offered its best pair (the lowest distance
+        up to ``cutoff``, then the longest prefix, then the lowest index). Returns (Q,) the minimum found
+        (int64 max where none; above ``cutoff``: ``cutoff + 1``)."""
+        found = np.full(len(self.q.texts), np.iinfo(np.int64).max, dtype=np.int64)
+        if not len(pq):
+            return found
+        qs, cs = [self.q.texts[i] for i in pq], [self.choices[j] for j in pc]
+        dist = self._cpdist(qs, cs, scorer=self._distance, workers=threads, score_cutoff=cutoff,
+                            dtype=np.int64)  # fmt: skip
+        np.minimum.at(found, pq, dist)
+        at_min = np.nonzero(dist == found[pq])[0]
+        if cutoff is not None:
+            at_min = at_min[dist[at_min] <= cutoff]  # a true distance (above the cutoff: not)
+        pq, pc = pq[at_min], pc[at_min]
+        prefix = self._cpdist([qs[k] for k in at_min], [cs[k] for k in at_min], scorer=self._prefix,
+                              workers=threads, dtype=np.int64)  # fmt: skip
+        prefix = np.minimum(prefix, _PREFIX_CAP)
+        order = np.lexsort((pc, -prefix, pq))
+        first = order[np.r_[True, pq[order][1:] != pq[order][:-1]]] if len(order) else order
+        self._offer(pq[first], found[pq[first]], prefix[first], pc[first])
+        return found
+
     def _search_length(self, length: int) -> None:
-        group = np.nonzero(self.q.lengths == length)[0]
+        group = np.nonzero((self.q.lengths == length) & ~self.done)[0]
+        bits = np.int64(1) << np.arange(_N_CLASSES, dtype=np.int64)
         gap = 0
         while length - gap >= 0 or length + gap <= self.max_length:
             active = group[self.best[group] >= gap]
             if not len(active):
                 return
+            counts = self.q.counts[active].astype(np.int64)
+            absent = (counts == 0).astype(np.int64)
+            first = self.q.codes[active, 0]
             for size in sorted({length - gap, length + gap}):
-                for mask, idx, strs in self.blocks.get(size, ()):
-                    missing = ((mask >> np.arange(_N_CLASSES)) & 1) == 0  # (C,) classes the block lacks
-                    counts = self.q.counts[active]
-                    lacking = counts[:, missing].sum(axis=1)  # query chars in classes the block lacks
-                    extra = (counts[:, ~missing] == 0).sum(axis=1)  # block classes the query lacks
+                for mask, idx, strs, firsts in self.blocks.get(size, ()):
+                    has = (mask & bits) != 0  # (C,) classes the block has
+                    lacking = counts @ ~has  # query chars in classes the block lacks
+                    extra = absent @ has  # block classes the query lacks
                     bound = np.maximum(np.maximum(lacking, extra), gap)
-                    rows = active[bound <= self.best[active]]
+                    best = self.best[active]
+                    scan = bound < best
+                    tie = np.nonzero(bound == best)[0]
+                    if len(tie):
+                        # at bound == best a member can only tie: it wins on a longer prefix (none is
+                        # longer than 0 when no member starts with the query's first char, nor than the
+                        # query's leading chars whose classes the block has), else on a lower index
+                        rows = active[tie]
+                        fits = ((self.q_heads[rows] & ~mask) == 0).sum(axis=1)
+                        at = np.minimum(np.searchsorted(firsts, first[tie]), len(firsts) - 1)
+                        prefix = np.where(firsts[at] == first[tie], fits, 0)
+                        held = self.prefix[rows]
+                        scan[tie] = (prefix > held) | ((prefix == held) & (idx[0] < self.choice[rows]))
+                    rows = active[scan]
                     if len(rows):
                         self._scan(rows, idx, strs)
             gap += 1
@@ -644,11 +845,14 @@ class _NearestSearch:
                 prefix[many] = shared[np.arange(len(best_col)), best_col]
                 tie[many] = False
             self._longest_prefix(r, *np.nonzero(tie), idx, col, prefix)
-            low = low.astype(np.int64)
-            d, p, c = self.best[r], self.prefix[r], self.choice[r]
-            better = (low < d) | ((low == d) & ((prefix > p) | ((prefix == p) & (col < c))))
-            won = r[better]
-            self.best[won], self.prefix[won], self.choice[won] = low[better], prefix[better], col[better]
+            self._offer(r, low.astype(np.int64), prefix, col)
+
+    def _offer(self, r: np.ndarray, low: np.ndarray, prefix: np.ndarray, col: np.ndarray) -> None:
+        """Keep, per query ``r``, the better of its best so far and (distance, prefix, choice) offered."""
+        d, p, c = self.best[r], self.prefix[r], self.choice[r]
+        better = (low < d) | ((low == d) & ((prefix > p) | ((prefix == p) & (col < c))))
+        won = r[better]
+        self.best[won], self.prefix[won], self.choice[won] = low[better], prefix[better], col[better]
 
     def _longest_prefix(self, r, rows, cols, idx, col, prefix) -> None:
         """For tie pairs ``(rows, cols)`` (row-major, so ascending index within a row): per row, the tie

@@ -471,3 +471,39 @@ def test_fast_mined_map_equals_exhaustive_on_trained_tokenizers(trained_byte_lev
         queries = [s.surfaces[i].decode("utf-8", "surrogateescape") for i in approximate]
         assert ids[approximate].tolist() == [choice_ids[j] for j in naive_nearest(queries, choices)]
         assert not exact[approximate].any()
+
+
+@pytest.mark.parametrize(("budget", "max_length"), [(0, 24), (4, 3), (256, 24), (10**9, 24)])
+@pytest.mark.parametrize("seed", range(3))
+def test_neighbourhood_index_and_seeds_keep_the_exhaustive_answer(monkeypatch, seed, budget, max_length):
+    # the index settles queries within distance 2 (all of them when nothing is over budget), leaves the
+    # rest to the scan seeded with what it found, and the substring seeds and tie bounds prune the scan:
+    # whatever the split, the answer is the all-pairs one (duplicate choices: the lower index)
+    monkeypatch.setattr(alignment, "_INDEX_BUDGET", budget)
+    monkeypatch.setattr(alignment, "_INDEX_MAX_LENGTH", max_length)
+    rng = np.random.default_rng(100 + seed)
+    alphabet = ["abc ", "abcdefgh", "aé東Ж😀\udc80 "][seed]
+    choices = random_words(rng, 500, alphabet, 8)
+    choices += choices[:20]
+    queries = [w for w in random_words(rng, 400, alphabet + "Q", 11) if w not in set(choices)]
+    search = alignment._NearestSearch(queries, choices)
+    got = search.run(2, "test")
+    assert got.tolist() == naive_nearest(queries, choices)
+    lengths = np.array([len(q) for q in queries])
+    if budget == 0:
+        assert not search.done.any()
+    if budget == 10**9:  # settled: exactly the queries within 2 of a choice (and short enough)
+        assert search.done.any() and not search.done.all()
+        assert (search.done == ((search.best <= 2) & (lengths <= max_length))).all()
+
+
+def test_scan_skips_blocks_that_can_only_tie_and_lose() -> None:
+    # queries in a script the choices barely have: their best distance ties with many ASCII blocks, where
+    # the prefix bound (the query's first char, the classes of its leading chars) and the lowest index
+    # decide; the answers must still be the all-pairs ones
+    rng = np.random.default_rng(7)
+    choices = random_words(rng, 600, "abcdefg ", 6) + [" ", " ж", "ж", "жa", "a ж"]
+    choices = sorted(set(choices), key=lambda w: rng.random())
+    queries = ["жжжж", " жжж", " жкл", "клмн", "a клм", " a жк", "жaaa", "ж", "кж ", "abcdefgжж"]
+    got = alignment._nearest_by_edit_distance(queries, choices, "test", threads=1)
+    assert got.tolist() == naive_nearest(queries, choices)
