@@ -40,7 +40,16 @@ ONLINE_STRATEGIES = ("optimal", "sim", "top1")
 # for it is the dtype's lowest value) would give 0 * inf = NaN in the moments. Logits and log-probs of
 # real tokens lie far above this floor.
 _FLOOR = -1e4
-_BLOCK_ELEMENTS = 1 << 22  # elements of one block of scores in observe (16 MiB in float32)
+_BLOCK_ELEMENTS = 1 << 22  # elements of one block of scores in observe on an accelerator (16 MiB float32)
+# On a CPU, blocks small enough for a core's L2 cache (1 MiB in float32): the statistics' dozen passes
+# over a block then stay in cache (a re-solve of 2 members x 128 positions x 32k: 11 ms instead of 35 ms).
+_CPU_BLOCK_ELEMENTS = 1 << 18
+
+
+def _block_positions(device: torch.device, per_position: int) -> int:
+    """Positions per block of scores in the statistics, ``per_position`` elements each."""
+    limit = _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _BLOCK_ELEMENTS
+    return max(1, limit // per_position)
 
 
 def check_online(weighting, every: int | None) -> None:
@@ -132,10 +141,10 @@ class OnlineWeights:
         if len(rows) == 0:
             return
         K, V = len(scores), scores[0].shape[-1]
-        step = max(1, _BLOCK_ELEMENTS // (K * V))  # positions per block: bounded temporaries
+        step = _block_positions(scores[0].device, K * V)  # positions per block: bounded temporaries
         dtype = torch.promote_types(scores[0].dtype, torch.float32)
         for start in range(0, len(rows), step):
-            block = torch.stack([x[start : start + step].to(scores[0].device, dtype) for x in scores])
+            block = torch.stack([x[start : start + step].to(scores[0].device, dtype) for x in scores], dim=1)
             self._observe(block, targets[start : start + step], list(rows[start : start + step]))
         self._count(rows)
 
@@ -146,22 +155,22 @@ class OnlineWeights:
             self.positions[b] += 1
 
     def _observe(self, x: torch.Tensor, targets: torch.Tensor, rows: list[int]) -> None:
-        """:meth:`observe` on ``x``, the ``(K, P, V)`` scores in at least float32, which this overwrites."""
+        """:meth:`observe` on ``x``, the ``(P, K, V)`` scores in at least float32, which this overwrites
+        (positions first: every pass below then runs over contiguous memory)."""
         device, dtype = x.device, x.dtype
         x.clamp_min_(_FLOOR)
-        K, P, V = x.shape
+        P, K, V = x.shape
         idx = torch.as_tensor(rows)
-        s_x = x.gather(-1, targets.to(device).view(1, P, 1).expand(K, P, 1))  # (K, P, 1)
+        s_x = x.gather(-1, targets.to(device).view(P, 1, 1).expand(P, K, 1))  # (P, K, 1)
         x.sub_(s_x)  # each member's scores less its target's: cancels in f_i, keeps the moments small
         if self.weighting != "optimal":  # each member's own -log p(x): logsumexp of the shifted scores
-            self.nll.index_add_(0, idx, torch.logsumexp(x, -1).T.double().cpu())
+            self.nll.index_add_(0, idx, torch.logsumexp(x, -1).double().cpu())
             return
         w = self.weights[idx].to(device, dtype)  # (P, K)
-        p = torch.softmax(torch.einsum("pk,kpv->pv", w, x), dim=-1)  # (P, V) fused distribution
-        xp = x.transpose(0, 1)  # (P, K, V), a view
-        px = xp * p[:, None, :]  # (P, K, V)
+        p = torch.softmax(torch.bmm(w[:, None, :], x).squeeze(1), dim=-1)  # (P, V) fused distribution
+        px = x * p[:, None, :]  # (P, K, V)
         g = px.sum(-1)  # (P, K)   E_p[s_k] - s_k,x: the gradient of f_i
-        H = torch.einsum("pkv,plv->pkl", px, xp) - g[:, :, None] * g[:, None, :]  # (P, K, K)  Cov_p
+        H = torch.bmm(px, x.transpose(1, 2)) - g[:, :, None] * g[:, None, :]  # (P, K, K)  Cov_p
         g, H, w = g.double(), H.double(), w.double()
         Hw = torch.bmm(H, w[:, :, None]).squeeze(-1)  # (P, K)
         self.linear.index_add_(0, idx, (g - Hw).cpu())
@@ -202,20 +211,20 @@ class OnlineWeights:
         targets = torch.cat([t.index_select(0, i) for (_, t, _), i in zip(pending, index)])
         first = pending[0][0][0]
         K, V, dtype = len(pending[0][0]), first.shape[-1], torch.promote_types(first.dtype, torch.float32)
-        step = max(1, _BLOCK_ELEMENTS // (K * V))  # positions per block, as in observe
+        step = _block_positions(first.device, K * V)  # positions per block, as in observe
         at = 0
-        while at < len(rows):  # each block's (K, P, V) gathered straight from the held steps: one copy
-            x = torch.empty((K, min(step, len(rows) - at), V), dtype=dtype, device=first.device)
+        while at < len(rows):  # each block's (P, K, V) gathered straight from the held steps: one copy
+            x = torch.empty((min(step, len(rows) - at), K, V), dtype=dtype, device=first.device)
             filled, offset = 0, 0
             for (s, _, r), i in zip(pending, index):
-                lo, hi = max(at - offset, 0), min(at + x.shape[1] - offset, len(r))
+                lo, hi = max(at - offset, 0), min(at + x.shape[0] - offset, len(r))
                 if lo < hi:
                     for k in range(K):
-                        x[k, filled : filled + hi - lo] = s[k].index_select(0, i[lo:hi].to(s[k].device))
+                        x[filled : filled + hi - lo, k] = s[k].index_select(0, i[lo:hi].to(s[k].device))
                     filled += hi - lo
                 offset += len(r)
-            self._observe(x, targets[at : at + x.shape[1]], rows[at : at + x.shape[1]])
-            at += x.shape[1]
+            self._observe(x, targets[at : at + x.shape[0]], rows[at : at + x.shape[0]])
+            at += x.shape[0]
         self._count(rows)
 
     def due(self, b: int) -> bool:

@@ -354,3 +354,34 @@ def test_settings_are_checked_and_travel_per_call(tiny_paths) -> None:
     chat = ChatPackLLM.from_model_ids(tiny_paths, device="cpu", max_new_tokens=6, reweight_every=2)
     msg = chat.invoke("hello")
     assert len(msg.response_metadata["trajectory"]) >= 2
+
+
+@pytest.mark.parametrize("weighting", ["optimal", "sim"])
+def test_held_steps_give_the_same_statistics_in_any_block_size(weighting, monkeypatch) -> None:
+    """flush gathers the held steps' scores block by block (bounded temporaries): blocks of 3 positions
+    that cut across steps and rows give the statistics of one block holding every position."""
+    import langchain_packllm.online as online_mod
+
+    K, B, V, steps = 3, 4, 50, 5
+    gen = torch.Generator().manual_seed(0)
+    pushed = [
+        ([torch.randn(B, V, generator=gen) * 3 for _ in range(K)], torch.randint(0, V, (B,), generator=gen))
+        for _ in range(steps)
+    ]
+    rows_at = [[0, 1, 2, 3], [0, 2, 3], [1, 3], [0, 1, 2, 3], [2]]  # rows that read each step
+
+    def run(block_elements: int) -> OnlineWeights:
+        monkeypatch.setattr(online_mod, "_CPU_BLOCK_ELEMENTS", block_elements)
+        w = torch.softmax(torch.randn(B, K, generator=torch.Generator().manual_seed(1)), -1)
+        zeros = torch.zeros(B, K, dtype=torch.float64)
+        state = OnlineWeights(weighting, 8, w, [4] * B, zeros, zeros, torch.zeros(B, K, K), [10] * B)
+        for (scores, targets), rows in zip(pushed, rows_at):
+            state.push(scores, targets, rows)
+        state.flush()
+        return state
+
+    small, large = run(3 * K * V), run(1 << 22)
+    for name in ("linear", "hess", "nll"):
+        assert torch.allclose(getattr(small, name), getattr(large, name), rtol=1e-6, atol=1e-6), name
+    assert small.counts == large.counts == [4 + sum(b in r for r in rows_at) for b in range(B)]
+    assert bool(getattr(large, "nll" if weighting == "sim" else "hess").abs().sum() > 0)
