@@ -286,8 +286,9 @@ class CachedSteps:
         # the prefill ran every member: a lazy call keeps every last row (free), else only the active ones
         self.scores = [prefill.last[k] if lazy or k in mixer.active else None for k in range(K)]
         self.lazy = lazy
-        self.behind = [0] * K  # steps each member skipped since it last ran (lazy only)
-        self.missed: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # those steps' (ids, positions)
+        # the steps since the last catch-up that skipped members (those not in the mixer: it changes only
+        # at a re-solve, right after a catch-up), as (ids, positions)
+        self.missed: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def advance(self, next_ids: torch.Tensor, tokens: list[int]) -> list[torch.Tensor | None]:
         ids = next_ids[:, None]  # (B, 1)
@@ -297,11 +298,8 @@ class CachedSteps:
         self.scores = self.scorer.step(
             self.reference, ids, self.mask, self.positions, self.caches, active, self.views
         )
-        if self.lazy and len(active) < len(self.behind):
+        if self.lazy and len(active) < len(self.scores):
             self.missed.append((ids, self.positions))
-            for k in range(len(self.behind)):
-                if k not in active:
-                    self.behind[k] += 1
         if self.positions is not None:
             self.positions = self.positions + 1
         return self.scores
@@ -311,24 +309,19 @@ class CachedSteps:
         devices): ``{k: [scores (B, V) of each missed step, oldest first]}``. Each list holds the scores the
         member would have given at those steps, had it run them (up to the rounding of one forward of ``n``
         tokens against ``n`` forwards of one)."""
-        late = [k for k, n in enumerate(self.behind) if n]
-        if not late:
+        if not self.missed:
             return {}
+        late = [k for k in range(len(self.scores)) if k not in self.mixer.active]
+        ids = torch.cat([i for i, _ in self.missed], dim=1)  # (B, n)
+        pos = None if self.positions is None else torch.cat([p for _, p in self.missed], dim=1)
+        read = self.scorer.read(self.reference, ids, self.mask, pos, self.caches, late, self.views)
+        self.missed = []
         names = [m.name for m in self.scorer.members]
         out: dict[int, list[torch.Tensor]] = {}
-        for n in sorted({self.behind[k] for k in late}):  # members behind by as many steps: one read
-            group = [k for k in late if self.behind[k] == n]
-            steps = self.missed[len(self.missed) - n :]
-            ids = torch.cat([i for i, _ in steps], dim=1)  # (B, n)
-            pos = None if self.positions is None else torch.cat([p for _, p in steps], dim=1)
-            read = self.scorer.read(self.reference, ids, self.mask, pos, self.caches, group, self.views)
-            for k in group:
-                logits = read[k]  # (B, n, V)
-                if bool((logits.isnan() | logits.isposinf()).any() | logits.isneginf().all(-1).any()):
-                    raise_bad_scores([logits.flatten(0, 1)], [names[k]])
-                out[k] = list(logits.unbind(1))
-        self.behind = [0] * len(self.behind)
-        self.missed = []
+        for k in late:
+            if _bad_scores(read[k]):  # (B, n, V)
+                raise_bad_scores([read[k].flatten(0, 1)], [names[k]])
+            out[k] = list(read[k].unbind(1))
         return out
 
 
@@ -495,7 +488,7 @@ def raise_bad_scores(
     """Raise a clear error for scores that cannot be decoded from: NaN or +inf in a member's scores, or a
     row where every token is ruled out."""
     for name, s in zip(names, scores):
-        if s is not None and bool((s.isnan() | s.isposinf()).any() | s.isneginf().all(dim=-1).any()):
+        if s is not None and _bad_scores(s):
             raise FloatingPointError(
                 f"Member {name!r} produced non-finite logits while decoding (NaN, +inf, or -inf for every "
                 "token); check its weights and dtype (float16 overflow is a common cause: try "
@@ -507,3 +500,8 @@ def raise_bad_scores(
             "check the grammar or the processors passed in SamplingConfig."
         )
     raise FloatingPointError("The fused scores are NaN; check the members' weights and dtypes.")
+
+
+def _bad_scores(s: torch.Tensor) -> bool:
+    """Whether scores ``(..., V)`` hold NaN or +inf, or a row where every token is -inf."""
+    return bool((s.isnan() | s.isposinf()).any() | s.isneginf().all(dim=-1).any())
