@@ -47,7 +47,7 @@ def main() -> None:
     engine = FusionEngine([gemma, smol])
     ref = engine.reference(1)  # SmolLM2, not first
     print(f"loaded and mapped in {time.time() - start:.0f} s", flush=True)
-    engine.references.choose = lambda text: (ref, None)  # pin the reference (the failing case)
+    engine.references.choose_and_read = lambda text, read=None: (ref, None, None)  # pin the reference
     llm = PackLLM(engine=engine, max_new_tokens=12)
     out = llm.generate(["The capital of France is"]).generations[0][0]
     weights = {k: round(v, 3) for k, v in out.generation_info["weights"].items()}

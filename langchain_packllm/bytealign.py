@@ -125,6 +125,66 @@ def encode_text(tokenizer: Any, text: str, surfaces: TokenizerSurfaces | None = 
     return EncodedText(ids, starts, n_special, stream[: len(stream) - len(data)], stream)
 
 
+@dataclass
+class TextReading:
+    """A member's forward over its own tokens of a text (``encode_text``): the encoding, its next-token
+    log-probs ``(n, V_m)`` (row ``j`` predicts ``enc.ids[j + 1]``) and its KV cache over ``enc.ids`` (None
+    without one). The reference choice, the prefix prefill's rows and the decoding state
+    (:meth:`MemberTextState.resume`) all read this one forward."""
+
+    enc: EncodedText
+    logprobs: torch.Tensor
+    cache: Any = None
+
+
+def _forward_logprobs(model: Any, ids: list[int], start: int, cache: Any, vocab_size: int) -> torch.Tensor:
+    """The model's log-probs ``(s, V_m)`` after each of ``ids[start:]`` (positions ``start..``), appended to
+    ``cache`` (None: no cache). At least float32."""
+    device = model.get_input_embeddings().weight.device
+    suffix = torch.tensor([ids[start:]], device=device)  # (1, s)
+    positions = torch.arange(start, len(ids), device=device)[None]  # (1, s)
+    with torch.inference_mode():
+        out = model(
+            input_ids=suffix,
+            position_ids=positions,
+            use_cache=cache is not None,
+            **(cache_kwargs(model, cache) if cache is not None else {}),
+        )
+    logits = out.logits[0, :, :vocab_size]  # (s, V_m): drop a padded embedding's tail
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def read_text(model: Any, enc: EncodedText, vocab_size: int, use_cache: bool = True) -> TextReading:
+    """One forward of ``model`` over ``enc.ids`` (its own tokens of a text, ``vocab_size`` its tokenizer's
+    width: ``TokenizerSurfaces.vocab_size``): a :class:`TextReading`, with a KV cache when ``use_cache``."""
+    cache = new_cache(model) if use_cache else None
+    return TextReading(enc, _forward_logprobs(model, enc.ids, 0, cache, vocab_size), cache)
+
+
+def bits_per_byte_of(readings: list[TextReading]) -> list[float]:
+    """Each member's bits per byte on a text from its :class:`TextReading`, every member scored on the same
+    bytes: those after the longest first text token among the members, from the first of its own token
+    boundaries there (as ``reference.bits_per_byte``). NaN where no token starts there."""
+    spans = []
+    for r in readings:
+        enc = r.enc
+        text_starts = [max(0, a - len(enc.lead)) for a in enc.starts[enc.n_special :]]
+        spans.append(text_starts)
+    total = len(readings[0].enc.stream) - len(readings[0].enc.lead)
+    skip = max((ts[1] if len(ts) > 1 else total) for ts in spans) if spans else 0
+    out = []
+    for r, ts in zip(readings, spans, strict=True):
+        first = next((i for i, a in enumerate(ts) if a >= skip and a < total), None)
+        if first is None:
+            out.append(float("nan"))
+            continue
+        j = r.enc.n_special + first  # the first scored token; row j - 1 predicts it
+        targets = torch.tensor(r.enc.ids[j:], device=r.logprobs.device)
+        nll = -r.logprobs[j - 1 : -1].double().gather(-1, targets[:, None]).sum()
+        out.append(float(nll) / math.log(2) / (total - ts[first]))
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------
 # 2. Moving a member's distribution onto the reference vocabulary
 # --------------------------------------------------------------------------------------------------------
@@ -428,6 +488,7 @@ def reference_logprobs(
     text: str,
     aligners: dict[int, PrefixAligner] | None = None,
     use_prior: bool = True,
+    readings: list[TextReading] | None = None,
 ) -> tuple[torch.Tensor, EncodedText]:
     """Every member's log-probs of each next reference token of ``text``, each member reading its own tokens.
 
@@ -438,24 +499,24 @@ def reference_logprobs(
         aligners: ``{k: PrefixAligner(members[k].tokenizer, members[ref].tokenizer)}``, built if missing
             (keep them: their conditional maps are cached inside).
         use_prior: split member mass by the reference's own rows (:meth:`PrefixAligner.map_conditional`).
+        readings: each member's :func:`read_text` of ``text`` already run (then no forward is run here).
 
     Returns:
         ``(logprobs (K, T_ref, V_ref), ref_encoding)``: row ``i`` predicts ``ref_encoding.ids[n_special + i]``;
         member ``ref``'s rows are its own log-softmax. Not smoothed: apply :func:`smooth_logprobs` before Eq. 1.
     """
     aligners = aligners if aligners is not None else {}
-    encs = []
     for k, m in enumerate(members):
         if k not in aligners:
             aligners[k] = PrefixAligner(m.tokenizer, members[ref].tokenizer)
-        encs.append(encode_text(m.tokenizer, text, aligners[k].member))
-    rows = []
-    for k, (m, enc) in enumerate(zip(members, encs)):
-        device = m.model.get_input_embeddings().weight.device
-        with torch.inference_mode():
-            logits = m.model(input_ids=torch.tensor([enc.ids], device=device)).logits[0]
-        logits = logits[:, : aligners[k].member_vocab_size]  # drop a padded embedding's tail
-        rows.append(torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1))
+    if readings is None:
+        readings = [
+            read_text(m.model, encode_text(m.tokenizer, text, aligners[k].member), aligners[k].member_vocab_size,
+                      use_cache=False)
+            for k, m in enumerate(members)
+        ]  # fmt: skip
+    encs = [r.enc for r in readings]
+    rows = [r.logprobs[:, : aligners[k].member_vocab_size] for k, r in enumerate(readings)]
     r_enc = encs[ref]
     prior = rows[ref][r_enc.n_special - 1 : -1] if use_prior else None  # (T_ref, V_ref)
     out = []
@@ -523,6 +584,17 @@ class MemberTextState:
         """Prefill on the prompt; returns ``(1, V_ref)``."""
         self.data, self.held, self.enc, self.cache, self.rows = b"", b"", None, None, {}
         return self.append(prompt.encode("utf-8"), prior)
+
+    def resume(self, prompt: str, reading: TextReading, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`start`, from the prompt's forward already run (:func:`read_text` of ``encode_text`` of
+        exactly ``prompt``, with its cache): the same state, no forward. Returns ``(1, V_ref)``."""
+        n = len(reading.enc.ids)
+        if reading.cache is None or reading.logprobs.shape[0] != n:
+            raise ValueError("resume needs a TextReading of the whole prompt with its KV cache")
+        self.data, self.held, self.enc, self.cache = prompt.encode("utf-8"), b"", reading.enc, reading.cache
+        self.rows = {p: reading.logprobs[p] for p in (n - 2, n - 1) if p >= 0}
+        self.forwarded_tokens += n
+        return self.logprobs(prior)
 
     def append(self, piece: bytes, prior: torch.Tensor | None = None) -> torch.Tensor:
         """Add the bytes of the reference token just sampled; returns the next ``(1, V_ref)`` log-probs.
@@ -611,23 +683,12 @@ class MemberTextState:
         self.enc = new
         if keep == n:
             return  # `new` is a prefix of what was fed: nothing to forward
-        device = self.model.get_input_embeddings().weight.device
-        suffix = torch.tensor([new.ids[keep:]], device=device)  # (1, s)
-        positions = torch.arange(keep, n, device=device)[None]  # (1, s)
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=suffix,
-                position_ids=positions,
-                use_cache=True,
-                **cache_kwargs(self.model, self.cache),
-            )
-        logits = out.logits[0, :, : self.aligner.member_vocab_size]  # (s, V_m)
-        logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        logprobs = _forward_logprobs(self.model, new.ids, keep, self.cache, self.aligner.member_vocab_size)
         for j in range(logprobs.shape[0]):
             self.rows[keep + j] = logprobs[j]
         for pos in [p for p in self.rows if p < n - 2]:
             del self.rows[pos]  # only the last positions are ever needed again
-        self.forwarded_tokens += suffix.shape[1]
+        self.forwarded_tokens += n - keep
 
 
 __all__ = [
@@ -635,8 +696,11 @@ __all__ = [
     "EncodedText",
     "MemberTextState",
     "PrefixAligner",
+    "TextReading",
+    "bits_per_byte_of",
     "encode_text",
     "prefix_logprobs",
+    "read_text",
     "reference_logprobs",
     "smooth_logprobs",
 ]

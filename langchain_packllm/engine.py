@@ -210,7 +210,12 @@ class FusionEngine:
         the context when a prompt is truncated."""
         if isinstance(prompts, str):
             raise TypeError("plan() takes a list of prompts; wrap a single prompt in a list.")
-        return self.references.plan(prompts, reserve, self.max_length, reference)
+        return self.references.plan(prompts, reserve, self.max_length, reference, read=self._read_own)
+
+    def _read_own(self, k: int, ids: list[int]):
+        """The reference choice's forward of member k on its own ids, kept for the prefill (see
+        :meth:`~langchain_packllm.reference.ReferencePolicy.plan`)."""
+        return self.scorer.prefill_member(self.references.own(k), k, ids)
 
     def prepare_alignment(self, progress: bool = True) -> None:
         """Build (or load from the disk cache) every token map now rather than on first use: with MinED,
@@ -246,7 +251,7 @@ class FusionEngine:
         ref = plan.reference
         if ref.alignment == "prefix":
             return self._prefix_prefill(plan, config)
-        pre = self.scorer.prefill(ref, plan.ids, use_cache=use_cache)
+        pre = self.scorer.prefill(ref, plan.ids, use_cache=use_cache, given=plan.given_scores())
         L = pre.input_ids.shape[1]
         solutions, reports = [], []
         for b, ids in enumerate(plan.ids):
@@ -288,7 +293,13 @@ class FusionEngine:
             raise ValueError("alignment='prefix' needs a non-empty prompt.")
         prompt, truncated = self._fit_text(prompt, plan.reserve)
         aligners = dict(enumerate(ref.aligners))
-        lp, r_enc = bytealign.reference_logprobs(self.members, ref.index, prompt, aligners)  # (K, T, V_ref)
+        # one forward per member over its own tokens, with its cache: the choice's when it read this text
+        readings = plan.given_texts(prompt) or [
+            bytealign.read_text(m.model, bytealign.encode_text(m.tokenizer, prompt, aligners[k].member),
+                                aligners[k].member_vocab_size)
+            for k, m in enumerate(self.members)
+        ]  # fmt: skip
+        lp, r_enc = bytealign.reference_logprobs(self.members, ref.index, prompt, aligners, readings=readings)
         lp = bytealign.smooth_logprobs(lp).to(self.mix_device)
         targets = torch.tensor(r_enc.ids[r_enc.n_special :], device=self.mix_device)  # (T,)
         solution = solve(lp, targets, config, None)
@@ -299,7 +310,7 @@ class FusionEngine:
         mixer = Mixer.build(solution.weights[None], self.mix_device, lp.dtype, keep_all=_follows(config))
         if truncated:
             plan = dataclasses.replace(plan, prompts=(prompt,))
-        return [report], [solution], (lambda: PrefixSteps(self.scorer, plan, r_enc.ids, mixer))
+        return [report], [solution], (lambda: PrefixSteps(self.scorer, plan, r_enc.ids, mixer, readings))
 
     def _fit_text(self, text: str, reserve: int) -> tuple[str, bool]:
         """Under ``alignment="prefix"`` every member reads the text with its own tokens: keep the tail of the
@@ -400,10 +411,16 @@ class FusionEngine:
         """A plan of several prompts as plans of one prompt each."""
         return [
             dataclasses.replace(
-                plan, prompts=(p,), ids=(ids,), truncated=(t,), fallbacks=(f,), bits_per_byte=(b,)
+                plan,
+                prompts=(p,),
+                ids=(ids,),
+                truncated=(t,),
+                fallbacks=(f,),
+                bits_per_byte=(b,),
+                readings=plan.readings[i : i + 1],
             )
-            for p, ids, t, f, b in zip(
-                plan.prompts, plan.ids, plan.truncated, plan.fallbacks, plan.bits_per_byte
+            for i, (p, ids, t, f, b) in enumerate(
+                zip(plan.prompts, plan.ids, plan.truncated, plan.fallbacks, plan.bits_per_byte)
             )
         ]
 

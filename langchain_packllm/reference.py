@@ -22,7 +22,7 @@ import math
 import re
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,9 @@ import torch
 from langchain_packllm.members import Member
 
 ALIGNMENTS = ("auto", "mined", "prefix", "none")
+
+# (member index, its own ids) -> (its raw scores (1, n, V), its KV cache): Scorer.prefill_member
+Reader = Callable[[int, list[int]], tuple[torch.Tensor, Any]]
 
 
 @dataclass(frozen=True)
@@ -168,9 +171,55 @@ class Plan:
     fallbacks: tuple[str | None, ...]
     bits_per_byte: tuple[tuple[float, ...] | None, ...]
     reserve: int = 0  # new tokens kept free in the context
+    readings: tuple[Reading | None, ...] = ()  # per prompt: the reference's forward made by the choice
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def given_scores(self) -> list[tuple[torch.Tensor, Any] | None] | None:
+        """Per member, the raw scores ``(1, L, V)`` and KV cache the prefill can take instead of running
+        that member again: the reference choice's forward of the reference member, when the plan holds one
+        prompt whose ids are exactly what that forward read. Each forward is handed out once (decoding
+        writes into its cache): a plan decoded twice runs the member the second time."""
+        if len(self.prompts) != 1 or not self.readings or self.readings[0] is None:
+            return None
+        taken = self.readings[0].take(self.reference.index, tuple(self.ids[0]))
+        if taken is None:
+            return None
+        given: list[tuple[torch.Tensor, Any] | None] = [None] * len(self.reference.token_maps)
+        given[self.reference.index] = taken
+        return given
+
+    def given_texts(self, text: str) -> list[Any] | None:
+        """Under ``alignment="prefix"``: per member, the choice's forward over its own tokens of ``text``
+        (a :class:`~langchain_packllm.bytealign.TextReading`), when the plan holds one prompt and the choice
+        read exactly ``text``; None otherwise. Handed out once, as :meth:`given_scores`."""
+        if len(self.prompts) != 1 or not self.readings or self.readings[0] is None:
+            return None
+        taken = [self.readings[0].take(k, text) for k in range(len(self.reference.token_maps))]
+        return taken if all(t is not None for t in taken) else None
+
+
+class Reading:
+    """The forwards the reference choice ran on one prompt, kept for the prefill so that a call runs each
+    member over the prompt once: per member, what it read (a key: its ids, or the text) and the forward
+    (``alignment="mined"``: the chosen member's raw scores ``(1, n, V)`` and KV cache; ``"prefix"``: every
+    member's :class:`~langchain_packllm.bytealign.TextReading`). Per call, never shared; :meth:`take` hands
+    each member's out once."""
+
+    def __init__(self, forwards: dict[int, tuple[Any, Any]]):
+        self._held = dict(forwards)  # member -> (key, forward)
+        self._lock = threading.Lock()
+
+    def take(self, index: int, key: Any) -> Any | None:
+        """Member ``index``'s forward if it read ``key`` and was not taken yet; else None (the caller runs
+        the forward)."""
+        with self._lock:
+            held = self._held.get(index)
+            if held is None or held[0] != key:
+                return None
+            del self._held[index]
+            return held[1]
 
 
 class ReferencePolicy:
@@ -285,11 +334,59 @@ class ReferencePolicy:
 
     def choose(self, text: str) -> tuple[Reference, tuple[float, ...] | None]:
         """The reference for a prompt, and each member's bits per byte on it (None without alignment)."""
+        ref, bpb, _ = self.choose_and_read(text)
+        return ref, bpb
+
+    def choose_and_read(
+        self, text: str, read: Reader | None = None
+    ) -> tuple[Reference, tuple[float, ...] | None, Reading | None]:
+        """:meth:`choose`, keeping the forwards for the prefill (see :meth:`plan`): with MinED, each member
+        runs through ``read`` (``read(k, ids) -> (scores (1, n, V), cache)``) and the chosen member's forward
+        is kept; with prefix alignment every member reads its own tokens of the text as it will while
+        decoding (``bytealign.read_text``), the bits per byte come from those forwards, and all are kept."""
         if self.alignment == "none":
-            return self.reference(0), None
-        bpb = tuple(bits_per_byte(self.members, text))
-        finite = [(v, k) for k, v in enumerate(bpb) if math.isfinite(v)]
-        return self.reference(min(finite)[1] if finite else 0), bpb
+            return self.reference(0), None, None
+        if self.alignment == "prefix" and text:
+            from langchain_packllm import bytealign
+
+            encs = [
+                bytealign.encode_text(m.tokenizer, text, self.surfaces(k)) for k, m in enumerate(self.members)
+            ]
+            if all(m.max_length is None or len(e.ids) <= m.max_length for m, e in zip(self.members, encs)):
+                readings = [
+                    bytealign.read_text(m.model, e, self.surfaces(k).vocab_size, use_cache=read is not None)
+                    for k, (m, e) in enumerate(zip(self.members, encs))
+                ]
+                bpb = tuple(bytealign.bits_per_byte_of(readings))
+                kept = Reading({k: (text, r) for k, r in enumerate(readings)}) if read is not None else None
+                return self.reference(_lowest(bpb)), bpb, kept
+        forwards: dict[int, tuple[Any, Any]] = {}
+        forward = None
+        if read is not None and self.alignment == "mined":
+
+            def forward(k: int, ids: list[int]) -> torch.Tensor:
+                scores, cache = read(k, ids)
+                forwards[k] = (tuple(ids), (scores, cache))
+                return scores[0]
+
+        bpb = tuple(bits_per_byte(self.members, text, forward))
+        index = _lowest(bpb)
+        kept = Reading({index: forwards[index]}) if index in forwards else None
+        return self.reference(index), bpb, kept
+
+    def own(self, index: int) -> Reference:
+        """Member ``index`` reading its own vocabulary with no other member (the view the reference
+        choice's forward runs with): no token maps, so nothing is built. Cached."""
+        key = -1 - index
+        ref = self._references.get(key)
+        if ref is None:
+            member = self.members[index]
+            K = len(self.members)
+            ref = Reference(index, member.name, member.tokenizer, len(member.tokenizer), self._eos[index],
+                            self.alignment, (None,) * K, None, _byte_fallback_ids(member.tokenizer))  # fmt: skip
+            with self._lock:
+                ref = self._references.setdefault(key, ref)
+        return ref
 
     def plan(
         self,
@@ -297,36 +394,51 @@ class ReferencePolicy:
         reserve: int,
         max_length: int | None,
         reference: Reference | None = None,
+        read: Reader | None = None,
     ) -> list[tuple[list[int], Plan]]:
         """Plans for ``prompts``: ``[(indices into prompts, plan)]``, one per reference (in order of first
-        appearance); with ``reference`` given, one plan reading every prompt with it."""
+        appearance); with ``reference`` given, one plan reading every prompt with it.
+
+        ``read`` (the engine's :meth:`~langchain_packllm.scoring.Scorer.prefill_member`): for a call of one
+        prompt, the choice runs each member through it and the plan keeps the chosen member's forward
+        (:attr:`Plan.readings`), so the prefill does not run the reference member again. Calls of several
+        prompts keep none (their rows are padded together, and K forwards per prompt would be held)."""
+        if len(prompts) != 1:
+            read = None
         groups: dict[int, tuple[list[int], list]] = {}
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise TypeError(f"Prompts must be strings; prompt {i} is {type(prompt).__name__}.")
             if reference is None:
-                ref, bpb = self.choose(prompt)
+                ref, bpb, reading = self.choose_and_read(prompt, read)
             else:
-                ref, bpb = reference, None
+                ref, bpb, reading = reference, None, None
             indices, rows = groups.setdefault(ref.index, ([], []))
             indices.append(i)
-            rows.append((prompt, bpb, ref))
+            rows.append((prompt, bpb, ref, reading))
         out = []
         for indices, rows in groups.values():
             ref = rows[0][2]
             limit = max_length - 1 if max_length is not None and ref.leads else max_length
-            fitted = [fit(ref, ref.encode(p), reserve, limit) for p, _, _ in rows]
+            fitted = [fit(ref, ref.encode(row[0]), reserve, limit) for row in rows]
             plan = Plan(
                 reference=ref,
-                prompts=tuple(p for p, _, _ in rows),
+                prompts=tuple(row[0] for row in rows),
                 ids=tuple(tuple(ids) for ids, _, _ in fitted),
                 truncated=tuple(t for _, t, _ in fitted),
                 fallbacks=tuple(f for _, _, f in fitted),
-                bits_per_byte=tuple(b for _, b, _ in rows),
+                bits_per_byte=tuple(row[1] for row in rows),
                 reserve=reserve,
+                readings=tuple(row[3] for row in rows),
             )
             out.append((indices, plan))
         return out
+
+
+def _lowest(bpb: Sequence[float]) -> int:
+    """The member with the lowest finite bits per byte (member 0 when none is finite)."""
+    finite = [(v, k) for k, v in enumerate(bpb) if math.isfinite(v)]
+    return min(finite)[1] if finite else 0
 
 
 def fit(
@@ -355,30 +467,36 @@ def fit(
 
 
 @torch.inference_mode()
-def bits_per_byte(members: Sequence[Member], text: str) -> list[float]:
+def bits_per_byte(
+    members: Sequence[Member], text: str, forward: Callable[[int, list[int]], torch.Tensor] | None = None
+) -> list[float]:
     """Each member's bits per byte on ``text``, scoring its own tokenization (comparable across tokenizers,
     unlike per-token perplexity). NaN where the text has fewer than 2 tokens.
 
     Every member is scored on the same bytes: those after the longest first text token among the
     members (a member whose tokenizer adds no BOS cannot predict its first token, so no member's score
     includes it), from the first of its own token boundaries there. A text longer than a member's context
-    is scored on its last tokens that fit (and the bytes they cover)."""
+    is scored on its last tokens that fit (and the bytes they cover).
+
+    ``forward(k, ids)``: member k's raw logits ``(n, V)`` on its ids (default: the model's forward)."""
+    run = forward or (lambda k, ids: _own_logits(members[k], ids))
     encoded = [_encode_with_offsets(m.tokenizer, text) for m in members]
     firsts = [next((end for start, end in offsets if end > start), 0) for _, offsets in encoded]
     skip = max(firsts, default=0)  # bytes no member is scored on
     total = len(text.encode("utf-8"))
     out = []
-    for m, (ids, offsets) in zip(members, encoded, strict=True):
+    for k, (m, (ids, offsets)) in enumerate(zip(members, encoded, strict=True)):
         limit = m.max_length
+        logits = lambda ids, k=k: run(k, ids)  # noqa: E731
         if offsets is None or (limit is not None and len(ids) > limit):
-            out.append(_bits_per_byte_own_span(m, text))
+            out.append(_bits_per_byte_own_span(m, text, logits))
             continue
         # the first token that starts at or after `skip` (a text token); all tokens from there are scored
         start = next((i for i, (a, b) in enumerate(offsets) if b > a and a >= skip), None)
         if start is None or start == 0:
-            out.append(float("nan") if start is None else _bits_per_byte_own_span(m, text))
+            out.append(float("nan") if start is None else _bits_per_byte_own_span(m, text, logits))
             continue
-        out.append(_bits_from(m, ids, start, total - offsets[start][0]))
+        out.append(_bits_from(m, ids, start, total - offsets[start][0], logits))
     return out
 
 
@@ -396,7 +514,7 @@ def _encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tup
     return list(enc["input_ids"]), offsets
 
 
-def _bits_per_byte_own_span(m: Member, text: str) -> float:
+def _bits_per_byte_own_span(m: Member, text: str, logits: Callable[[list[int]], torch.Tensor]) -> float:
     """A member's bits per byte on its own span (every token after its first), for a text longer than its
     context (its last tokens that fit) or a tokenizer without offsets."""
     ids = list(m.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -408,17 +526,23 @@ def _bits_per_byte_own_span(m: Member, text: str) -> float:
         covered = text
     first = m.tokenizer.decode(ids[:1], skip_special_tokens=True) if ids else ""
     n_bytes = len(covered.encode("utf-8")) - len(first.encode("utf-8"))
-    return _bits_from(m, ids, 1, n_bytes) if len(ids) >= 2 else float("nan")
+    return _bits_from(m, ids, 1, n_bytes, logits) if len(ids) >= 2 else float("nan")
 
 
-def _bits_from(m: Member, ids: list[int], start: int, n_bytes: int) -> float:
-    """Member ``m``'s bits on ``ids[start:]`` (each token predicted from those before it) per byte of the
-    ``n_bytes`` they cover; NaN when they cover none."""
+def _own_logits(m: Member, ids: list[int]) -> torch.Tensor:
+    return m.model(input_ids=torch.tensor([ids], device=m.device)).logits[0]
+
+
+def _bits_from(
+    m: Member, ids: list[int], start: int, n_bytes: int, logits: Callable[[list[int]], torch.Tensor]
+) -> float:
+    """Member ``m``'s bits on ``ids[start:]`` (each token predicted from those before it, ``logits(ids)``
+    giving the raw ``(n, V)``) per byte of the ``n_bytes`` they cover; NaN when they cover none."""
     if n_bytes <= 0:
         return float("nan")
-    x = torch.tensor([ids], device=m.device)
-    logits = m.model(input_ids=x).logits[0, start - 1 : -1, : len(m.tokenizer)].float()
-    nll = -torch.log_softmax(logits, -1).gather(-1, x[0, start:, None]).sum()
+    rows = logits(ids)[start - 1 : -1, : len(m.tokenizer)].float()
+    targets = torch.tensor(ids[start:], device=rows.device)
+    nll = -torch.log_softmax(rows, -1).gather(-1, targets[:, None]).sum()
     return float(nll) / math.log(2) / n_bytes
 
 

@@ -288,7 +288,14 @@ class Scorer:
             mask[b, L - len(ids) :] = 1
         return input_ids.to(self.mix_device), mask.to(self.mix_device)
 
-    def prefill(self, ref: Reference, batch: Sequence[Sequence[int]], *, use_cache: bool) -> PrefillScores:
+    def prefill(
+        self,
+        ref: Reference,
+        batch: Sequence[Sequence[int]],
+        *,
+        use_cache: bool,
+        given: Sequence[tuple[torch.Tensor, Any] | None] | None = None,
+    ) -> PrefillScores:
         """One forward per member over the left-padded batch (see :class:`PrefillScores`).
 
         Members' logits are written member by member into one buffer so that no member's logits are held
@@ -296,6 +303,10 @@ class Scorer:
         so the prompt positions are never log-softmaxed. ``-inf`` logits are raised to the dtype's lowest
         finite value, so that a member with weight 0 contributes 0, not NaN, to the mix. A batch without
         padding (e.g. one prompt) is run without attention mask and position ids, as a member alone is.
+
+        ``given[k]``: member k's ``(scores (1, L, V), cache)`` from :meth:`prefill_member` on this very
+        row (one prompt), copied in instead of running it again (the reference choice's forward, see
+        :meth:`~langchain_packllm.reference.Plan.given_scores`).
         """
         input_ids, mask = self.pad(ref, batch)
         padded = is_padded(batch)
@@ -305,13 +316,35 @@ class Scorer:
         caches = [new_cache(m.model) if use_cache else None for m in self.members]
         run_mask = mask if padded else None
         views = [self._start_view(ref, k, batch, L) for k in range(K)]
+        run = list(range(K))
+        for k, held in enumerate(given or ()):
+            if held is None:
+                continue
+            if B != 1 or held[0].shape[:2] != (1, L) or ref.token_maps[k] is not None:
+                raise ValueError(f"given scores of member {k} do not fit this prefill (one row of {L} ids)")
+            scores[k].copy_(held[0][..., : ref.vocab_size])
+            caches[k] = held[1] if use_cache else None
+            run.remove(k)
         self.run_members(
             lambda k: self._prefill_member(
                 ref, k, scores[k], input_ids, run_mask, positions, caches[k], views[k]
-            )
+            ),
+            run,
         )
         last = scores[:, :, -1].clone()  # (K, B, V): the buffer is given back after the solve
         return PrefillScores(scores, input_ids, mask, padded, caches, last, views)
+
+    def prefill_member(
+        self, ref: Reference, k: int, ids: Sequence[int], *, use_cache: bool = True
+    ) -> tuple[torch.Tensor, Any]:
+        """Member k alone on one row of ``ids`` (its own vocabulary when ``ref`` is its own view): its raw
+        scores ``(1, n, V)`` in a new tensor and its KV cache (None without ``use_cache``), computed as
+        :meth:`prefill` computes that member's row, so that :meth:`prefill` can take them as ``given``."""
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.mix_device)
+        scores = torch.empty((1, len(ids), ref.vocab_size), dtype=self.scores_dtype, device=self.mix_device)
+        cache = new_cache(self.members[k].model) if use_cache else None
+        self._prefill_member(ref, k, scores, input_ids, None, None, cache, None)
+        return scores, cache
 
     def _start_view(self, ref: Reference, k: int, batch: Sequence[Sequence[int]], L: int) -> StartView | None:
         token_map = ref.token_maps[k]

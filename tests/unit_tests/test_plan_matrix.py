@@ -96,7 +96,9 @@ def case(request, members):
 
 def pinned(engine: FusionEngine, ref: int, monkeypatch) -> None:
     """Make every prompt pick member ``ref`` as its reference (the choice is per prompt)."""
-    monkeypatch.setattr(engine.references, "choose", lambda text: (engine.reference(ref), None))
+    monkeypatch.setattr(
+        engine.references, "choose_and_read", lambda text, read=None: (engine.reference(ref), None, None)
+    )
 
 
 def naive_mined(members, ref: int, weights, ids: list[int], n: int, processor=None) -> list[int]:
