@@ -283,7 +283,7 @@ def test_prefix_crop_reaches_the_actor(prefix, crops, monkeypatch):
         return start(self, *args, **kwargs)
 
     monkeypatch.setattr(RemoteModel, "new_cache", spy_new_cache)
-    monkeypatch.setattr(bytealign.MemberTextState, "resume", spy_start)  # decoding starts from the prefill's forward
+    monkeypatch.setattr(bytealign.MemberTextState, "resume", spy_start)
     checked = 0
     for _ in remote.stream(PREFIX_PROMPTS[0], sampling=SamplingConfig(max_new_tokens=10)):
         for model, cache in made:
