@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ from langchain_packllm.members import cache_kwargs, new_cache
 
 # Default smoothing of mapped member log-probs before Eq. 1 (see smooth_logprobs and docs/ALIGNMENT.md).
 DEFAULT_EPSILON = 1e-4
+# A split by the reference's prior over at least this many (row, consistent pair) entries runs as sparse
+# matrix products (PrefixAligner._split_sparse): a prompt's boundary rows on real vocabularies are ~1e8.
+SPARSE_SPLIT_MIN_WORK = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -241,6 +245,7 @@ class PrefixAligner:
         self._fallback_ref = _map_special(-1, self.reference, self.reference)[0]
         self._conditional: dict[tuple[bytes, bytes], tuple[torch.Tensor, torch.Tensor]] = {}
         self._pairs: dict[tuple[bytes, bytes], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._sparse: dict[tuple[bytes, bytes, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def ref_token_for(self, data: bytes) -> int:
         """The reference token that text starting with ``data`` begins with: the longest reference surface
@@ -323,13 +328,63 @@ class PrefixAligner:
         self, picked: torch.Tensor, partial: bytes, pending: bytes, prior: torch.Tensor
     ) -> torch.Tensor:
         """``picked`` ``(B, n)``: log-mass of the member tokens of :meth:`conditional`; each token's mass is
-        split over its consistent reference tokens in proportion to ``prior`` ``(B, V_ref)``: ``(B, V_ref)``."""
+        split over its consistent reference tokens in proportion to ``prior`` ``(B, V_ref)``: ``(B, V_ref)``.
+
+        ``out[r] = prior[r] + log sum_{j: r consistent with j} exp(picked[j] - log Z[j])`` with
+        ``Z[j] = sum_{r consistent with j} exp(prior[r])``. Large cases (a boundary: every member token,
+        about a million consistent pairs on real vocabularies) run as two sparse matrix products in
+        probability space, each side shifted by its row maximum (:meth:`_split_sparse`); the rest, and any
+        row where a member token's every consistent reference token underflows, gather pair by pair."""
         rows, refs = self.consistent_pairs(partial, pending)
+        if rows.numel() * prior.shape[0] >= SPARSE_SPLIT_MIN_WORK:
+            out = self._split_sparse(picked, partial, pending, prior)
+            if out is not None:
+                return out
         rows, refs = rows.to(picked.device), refs.to(picked.device)
         prior_pairs = prior[:, : self.ref_vocab_size].clamp_min(-1e4).index_select(-1, refs)  # (B, nnz)
         log_z = _scatter_logsumexp(prior_pairs, rows, picked.shape[1])  # (B, n): prior mass per member token
         shares = picked.index_select(-1, rows) + prior_pairs - log_z.index_select(-1, rows)  # (B, nnz)
         return _scatter_logsumexp(shares, refs, self.ref_vocab_size)
+
+    def _consistency(
+        self, partial: bytes, pending: bytes, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 0/1 matrix of :meth:`consistent_pairs` as sparse CSR ``(n, V_ref)`` and its transpose, on
+        ``device`` in ``dtype`` (cached per key, device and dtype)."""
+        key = (partial, pending, f"{device}/{dtype}")
+        hit = self._sparse.get(key)
+        if hit is None:
+            rows, refs = self.consistent_pairs(partial, pending)
+            n = int(self.conditional(partial, pending)[0].numel())
+            ones = torch.ones(rows.numel(), dtype=dtype)
+            coo = torch.sparse_coo_tensor(
+                torch.stack([rows, refs]), ones, (n, self.ref_vocab_size), check_invariants=True
+            ).coalesce()
+            with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+                warnings.simplefilter("ignore", UserWarning)
+                forward = coo.to_sparse_csr()
+                backward = coo.t().coalesce().to_sparse_csr()
+            hit = (forward.to(device), backward.to(device))
+            self._sparse[key] = hit
+        return hit
+
+    def _split_sparse(
+        self, picked: torch.Tensor, partial: bytes, pending: bytes, prior: torch.Tensor
+    ) -> torch.Tensor | None:
+        """:meth:`_split_by_prior` as ``Z = A exp(prior)`` and ``S = A^T exp(picked - log Z)`` with the 0/1
+        consistency matrix ``A``; None when some member token's ``Z`` underflows (the caller then gathers)."""
+        dtype = torch.promote_types(picked.dtype, prior.dtype)
+        forward, backward = self._consistency(partial, pending, picked.device, dtype)
+        p = prior[:, : self.ref_vocab_size].to(dtype).clamp_min(-1e4)  # (B, V_ref)
+        p_max = p.amax(-1, keepdim=True)  # (B, 1)
+        z = torch.sparse.mm(forward, torch.exp(p - p_max).T).T  # (B, n)
+        if not bool((z > 0).all()):
+            return None
+        a = picked.to(dtype) - (torch.log(z) + p_max)  # (B, n): each member token's mass over its Z
+        a_max = a.amax(-1, keepdim=True)
+        a_max = torch.where(torch.isfinite(a_max), a_max, torch.zeros_like(a_max))
+        total = torch.sparse.mm(backward, torch.exp(a - a_max).T).T  # (B, V_ref)
+        return (p + a_max + torch.log(total)).to(picked.dtype)
 
     def map_boundary(self, member_logprobs: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """At a boundary: ``(B, V_m) -> (B, V_ref)`` through the prefix map (mass preserved; identity when

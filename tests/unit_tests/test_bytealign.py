@@ -233,3 +233,29 @@ def test_reference_logprobs_stacks_every_member_on_the_reference_rows(toks, mode
     torch.testing.assert_close(lp[1], own, rtol=0, atol=1e-6)  # the reference reads its own tokens
     total = torch.logsumexp(lp, -1)
     torch.testing.assert_close(total, torch.zeros_like(total), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("member", "ref"), [("bl", "sp"), ("sp", "bl")])
+def test_sparse_split_by_prior_equals_the_pair_by_pair_split(toks, models_, member, ref, monkeypatch) -> None:
+    """The split of a member's mass by the reference's prior, as two sparse products (the path large
+    boundary rows take), equals the pair-by-pair gather on every row of the texts; a row where some member
+    token's consistent reference tokens all underflow falls back to the gather."""
+    import langchain_packllm.bytealign as bytealign
+
+    aligner = PrefixAligner(toks[member], toks[ref])
+    for text in TEXTS:
+        m_enc, r_enc = encode_text(toks[member], text), encode_text(toks[ref], text)
+        prior = own_logprobs(models_[ref], r_enc.ids)[:-1]
+        member_lp = own_logprobs(models_[member], m_enc.ids)
+        monkeypatch.setattr(bytealign, "SPARSE_SPLIT_MIN_WORK", 1 << 62)
+        want = prefix_logprobs(aligner, r_enc, m_enc, member_lp, prior)
+        monkeypatch.setattr(bytealign, "SPARSE_SPLIT_MIN_WORK", 0)
+        got = prefix_logprobs(aligner, r_enc, m_enc, member_lp, prior)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        # a prior with a single finite entry: most member tokens have no consistent mass (Z underflows)
+        spiky = torch.full_like(prior[:1], float("-inf"))
+        spiky[0, int(prior[0].argmax())] = 0.0
+        member_row = member_lp[:1]
+        sparse = aligner.map_boundary(member_row, spiky)
+        monkeypatch.setattr(bytealign, "SPARSE_SPLIT_MIN_WORK", 1 << 62)
+        torch.testing.assert_close(sparse, aligner.map_boundary(member_row, spiky), rtol=0, atol=0)
