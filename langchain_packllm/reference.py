@@ -22,7 +22,7 @@ import math
 import re
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -369,7 +369,13 @@ class ReferencePolicy:
                 forwards[k] = (tuple(ids), (scores, cache))
                 return scores[0]
 
-        bpb = tuple(bits_per_byte(self.members, text, forward))
+        values: list[float] = []
+        for value in iter_bits_per_byte(self.members, text, forward):
+            values.append(value)  # keep only the best forward so far: at most two are held at once
+            best = _lowest(values)
+            for k in [k for k in forwards if k != best]:
+                del forwards[k]
+        bpb = tuple(values)
         index = _lowest(bpb)
         kept = Reading({index: forwards[index]}) if index in forwards else None
         return self.reference(index), bpb, kept
@@ -466,7 +472,6 @@ def fit(
     return ids, truncated, fallback
 
 
-@torch.inference_mode()
 def bits_per_byte(
     members: Sequence[Member], text: str, forward: Callable[[int, list[int]], torch.Tensor] | None = None
 ) -> list[float]:
@@ -479,25 +484,31 @@ def bits_per_byte(
     is scored on its last tokens that fit (and the bytes they cover).
 
     ``forward(k, ids)``: member k's raw logits ``(n, V)`` on its ids (default: the model's forward)."""
+    return list(iter_bits_per_byte(members, text, forward))
+
+
+@torch.inference_mode()
+def iter_bits_per_byte(
+    members: Sequence[Member], text: str, forward: Callable[[int, list[int]], torch.Tensor] | None = None
+) -> Iterator[float]:
+    """:func:`bits_per_byte`, member by member (a caller keeping forwards can drop them as it goes)."""
     run = forward or (lambda k, ids: _own_logits(members[k], ids))
     encoded = [_encode_with_offsets(m.tokenizer, text) for m in members]
     firsts = [next((end for start, end in offsets if end > start), 0) for _, offsets in encoded]
     skip = max(firsts, default=0)  # bytes no member is scored on
     total = len(text.encode("utf-8"))
-    out = []
     for k, (m, (ids, offsets)) in enumerate(zip(members, encoded, strict=True)):
         limit = m.max_length
         logits = lambda ids, k=k: run(k, ids)  # noqa: E731
         if offsets is None or (limit is not None and len(ids) > limit):
-            out.append(_bits_per_byte_own_span(m, text, logits))
+            yield _bits_per_byte_own_span(m, text, logits)
             continue
         # the first token that starts at or after `skip` (a text token); all tokens from there are scored
         start = next((i for i, (a, b) in enumerate(offsets) if b > a and a >= skip), None)
         if start is None or start == 0:
-            out.append(float("nan") if start is None else _bits_per_byte_own_span(m, text, logits))
+            yield float("nan") if start is None else _bits_per_byte_own_span(m, text, logits)
             continue
-        out.append(_bits_from(m, ids, start, total - offsets[start][0], logits))
-    return out
+        yield _bits_from(m, ids, start, total - offsets[start][0], logits)
 
 
 def _encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
