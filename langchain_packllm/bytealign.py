@@ -375,16 +375,17 @@ class PrefixAligner:
         consistency matrix ``A``; None when some member token's ``Z`` underflows (the caller then gathers)."""
         dtype = torch.promote_types(picked.dtype, prior.dtype)
         forward, backward = self._consistency(partial, pending, picked.device, dtype)
-        p = prior[:, : self.ref_vocab_size].to(dtype).clamp_min(-1e4)  # (B, V_ref)
-        p_max = p.amax(-1, keepdim=True)  # (B, 1)
-        z = torch.sparse.mm(forward, torch.exp(p - p_max).T).T  # (B, n)
+        # columns are rows of the batch (V_ref, B) and (n, B): the sparse products read and write contiguously
+        p = prior[:, : self.ref_vocab_size].to(dtype).clamp_min(-1e4).T.contiguous()  # (V_ref, B)
+        p_max = p.amax(0, keepdim=True)  # (1, B)
+        z = torch.sparse.mm(forward, torch.exp(p - p_max))  # (n, B)
         if not bool((z > 0).all()):
             return None
-        a = picked.to(dtype) - (torch.log(z) + p_max)  # (B, n): each member token's mass over its Z
-        a_max = a.amax(-1, keepdim=True)
+        a = picked.to(dtype).T - z.log_().add_(p_max)  # (n, B): each member token's mass over its Z
+        a_max = a.amax(0, keepdim=True)
         a_max = torch.where(torch.isfinite(a_max), a_max, torch.zeros_like(a_max))
-        total = torch.sparse.mm(backward, torch.exp(a - a_max).T).T  # (B, V_ref)
-        return (p + a_max + torch.log(total)).to(picked.dtype)
+        total = torch.sparse.mm(backward, a.sub_(a_max).exp_())  # (V_ref, B)
+        return total.log_().add_(p).add_(a_max).T.contiguous().to(picked.dtype)
 
     def map_boundary(self, member_logprobs: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """At a boundary: ``(B, V_m) -> (B, V_ref)`` through the prefix map (mass preserved; identity when
