@@ -30,6 +30,8 @@ exactly the same bytes (the rest). Measured:
    prefix prefill solves them); mapped rows smoothed with ``smooth_logprobs`` (eps 1e-4) as the engine
    does. Also each member alone, ``best-single`` (per domain, the best member: the oracle) and the best
    member overall.
+4. **Each member inside the pack under prefix alignment**: on the passages where member k is not the
+   reference, its bits per byte in the one-forward and the causal rows against alone, on the same bytes.
 
 Run from the repo root (2 busy cores: about 2.3 minutes per 128-token passage without the causal rows,
 so ``--docs 2 --tokens 128`` takes about 18 minutes; the causal rows, ``--causal-docs N`` per domain, cost
@@ -157,6 +159,9 @@ def run(args) -> dict:
     nbytes: dict[str, int] = {}
     causal_bytes: dict[str, int] = {}
     pair_nll: dict[tuple[int, int], dict[str, float]] = {}  # (ref, member) -> domain -> NLL
+    # prefix alignment, member k where it is not the reference: NLL inside the pack, alone, bytes
+    prefix_member: dict[tuple[str, str, int], dict[str, float]] = {}  # (rows, "inside"/"alone", k) -> NLL
+    prefix_bytes: dict[tuple[str, int], dict[str, float]] = {}  # (rows, k) -> domain -> bytes
     mass = {(r, k): {"distinct": [], "plain": []} for r in range(K) for k in range(K) if r != k}
     chosen: dict[str, dict[str, int]] = {}
     passages_used: dict[str, int] = {}
@@ -237,7 +242,8 @@ def run(args) -> dict:
             w_p = W.solve("optimal", lp_p[:, 1:c_tok], y[1:c_tok])
             scores["prefix one-forward optimal"] = fused_nll(w_p, lp_p[:, c_tok:], y[c_tok:])
             scores["prefix one-forward uniform"] = fused_nll(W.uniform(K), lp_p[:, c_tok:], y[c_tok:])
-            del lp_p
+
+            member_rows = [("one-forward", lp_p[:, c_tok:])]
             for row, value in scores.items():
                 add(nll, row, domain, value)
             if doc_i < args.causal_docs:
@@ -246,11 +252,18 @@ def run(args) -> dict:
                 causal_bytes[domain] += n_rest
                 add(nll, "prefix causal optimal", domain, fused_nll(w_p, causal, y[c_tok:]))
                 add(nll, "prefix causal uniform", domain, fused_nll(W.uniform(K), causal, y[c_tok:]))
-                del causal
+                member_rows.append(("causal", causal))
                 for row in [*names, "mined optimal", "prefix one-forward optimal"]:
                     add(nll, f"(causal passages) {row}", domain, scores[row])
                 logger.info("%s passage %d: causal rows in %.0f s", domain, doc_i, time.perf_counter() - t0)
-            del raw
+            for rows_name, rows in member_rows:  # each non-reference member inside the pack, and alone
+                for k in range(K):
+                    if k != ref:
+                        inside = -float(rows[k].gather(-1, y[c_tok:, None]).sum())
+                        add(prefix_member, (rows_name, "inside", k), domain, inside)
+                        add(prefix_member, (rows_name, "alone", k), domain, rest_nll[k][k])
+                        add(prefix_bytes, (rows_name, k), domain, n_rest)
+            del raw, member_rows, lp_p
             logger.info("%s passage %d done (%.0f s), reference %s", domain, doc_i,
                         time.perf_counter() - started, names[ref])  # fmt: skip
         logger.info("%s done (%.0f s)", domain, time.perf_counter() - started)
@@ -283,6 +296,18 @@ def run(args) -> dict:
             "alone_bpb": alone,
             "ratio": {d: inside[d] / alone[d] for d in inside},
         }
+    prefix_members = {}
+    for (rows_name, k), counts in prefix_bytes.items():
+        per = {}
+        for d, n in counts.items():
+            inside = prefix_member[(rows_name, "inside", k)][d] / n / LOG2
+            alone = prefix_member[(rows_name, "alone", k)][d] / n / LOG2
+            per[d] = {"inside_bpb": inside, "alone_bpb": alone, "ratio": inside / alone, "bytes": n}
+        n_all = sum(counts.values())
+        inside = sum(prefix_member[(rows_name, "inside", k)].values()) / n_all / LOG2
+        alone = sum(prefix_member[(rows_name, "alone", k)].values()) / n_all / LOG2
+        per["all"] = {"inside_bpb": inside, "alone_bpb": alone, "ratio": inside / alone, "bytes": n_all}
+        prefix_members.setdefault(rows_name, {})[names[k]] = per
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     masses = {
         f"{names[r]} -> {names[k]}": {"distinct": mean(v["distinct"]), "plain_gather": mean(v["plain"])}
@@ -291,6 +316,7 @@ def run(args) -> dict:
     return {
         "bits_per_byte": bpb,
         "pairs": pairs,
+        "prefix_members": prefix_members,
         "mined_mass": masses,
         "references_chosen": chosen,
         "passages": passages_used,
@@ -330,6 +356,15 @@ def markdown(result: dict) -> str:
     for pair, v in result["mined_mass"].items():
         lines.append(f"| {pair} | {v['distinct']:.3f} | {v['plain_gather']:.3f} |")
     lines.append("| prefix alignment (any pair) | 1.000 | 1.000 |")
+    for rows_name, per_member in result.get("prefix_members", {}).items():
+        lines += ["", f"**Each member inside the pack under prefix alignment ({rows_name} rows; passages where "
+                  "it is not the reference) / alone, same bytes**", ""]  # fmt: skip
+        lines += ["| member | " + " | ".join(domains) + " | all | alone bpb (all) | inside bpb (all) |",
+                  "|---" * (len(domains) + 4) + "|"]  # fmt: skip
+        for name, per in per_member.items():
+            cells = [f"{per[d]['ratio']:.3f}" if d in per else "" for d in [*domains, "all"]]
+            lines.append(f"| {name} | " + " | ".join(cells)
+                         + f" | {per['all']['alone_bpb']:.3f} | {per['all']['inside_bpb']:.3f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -349,7 +384,8 @@ def main() -> None:
     result = run(args)
     table = markdown(result)
     print(table)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("bits_per_byte", "pairs")}, indent=1))
+    skip = ("bits_per_byte", "pairs", "prefix_members")
+    print(json.dumps({k: v for k, v in result.items() if k not in skip}, indent=1))
     if args.out:
         out = Path(args.out)
         out.write_text(json.dumps(result, indent=1) + "\n")
