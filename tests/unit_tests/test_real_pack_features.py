@@ -105,6 +105,41 @@ def test_invoke_reports_weights_over_all_three_members(pack, greedy) -> None:
     assert pack.llm.invoke(PROMPTS[0]) == greedy[0].text
 
 
+def test_the_reference_choice_forward_is_the_reference_prefill(pack, greedy) -> None:
+    """A call of one prompt runs its reference member over the prompt once (the choice's forward is its
+    prefill): bitwise the call given that reference, with one prompt forward fewer for it than the others."""
+    from langchain_packllm import SamplingConfig, WeightingConfig
+
+    engine = pack.llm.engine
+    counts = [0] * len(engine.members)
+
+    def hook(k):
+        def count(module, args, output):
+            counts[k] += int(args[0].numel())
+
+        return count
+
+    handles = [
+        m.model.get_input_embeddings().register_forward_hook(hook(k)) for k, m in enumerate(engine.members)
+    ]
+    try:
+        for prompt, gen in zip(PROMPTS, greedy, strict=True):
+            ref = REAL_NAMES.index(gen.generation_info["reference"])
+            sampling, weighting = SamplingConfig(max_new_tokens=3), WeightingConfig("optimal")
+            counts[:] = [0] * len(counts)
+            given = engine.generate([prompt], weighting, sampling, reference=engine.reference(ref))[0]
+            alone = list(counts)
+            counts[:] = [0] * len(counts)
+            out = engine.generate([prompt], weighting, sampling)[0]
+            assert out.token_ids == given.token_ids and out.report.weights == given.report.weights
+            own = [len(m.tokenizer(prompt)["input_ids"]) for m in engine.members]
+            extra = [c - a for c, a in zip(counts, alone, strict=True)]
+            assert extra == [0 if k == ref else own[k] for k in range(len(own))], (prompt, extra)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_stream_concatenates_to_the_invoked_text(pack, greedy) -> None:
     chunks = list(pack.llm.stream(PROMPTS[0]))
     assert len(chunks) > 1  # the text arrives as it is decoded
