@@ -189,7 +189,7 @@ class Scorer:
         if hidden:
             return out.last_hidden_state
         if token_map is not None:
-            logits = out.logits.index_select(-1, token_map.ids)  # member logits -> reference vocabulary
+            logits = take_columns(out.logits, token_map.ids)  # member logits -> reference vocabulary
             if token_map.split is not None:  # a member token read by n reference tokens: 1/n each
                 logits = logits + token_map.split.to(logits.dtype)
             return logits
@@ -416,6 +416,13 @@ class Scorer:
                     torch.addmm(bias, h, weight.T, out=out)
             else:
                 _mm_upcast(h, weight, bias, out)
+
+
+def take_columns(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``x[..., ids]``: columns of the last dimension, as ``torch.gather`` over an expanded index (on a CPU
+    about 5x faster than ``index_select`` along the last dimension: a (244, 262144) block to 151,936
+    columns in 0.09 s against 0.48 s)."""
+    return torch.gather(x, -1, ids.expand(*x.shape[:-1], ids.numel()))
 
 
 def last_logprobs(logits: torch.Tensor) -> torch.Tensor:
