@@ -87,6 +87,20 @@ def common_split(encs, data: bytes, start: int) -> int | None:
     return None
 
 
+def split_passage(doc: str, members, tokens: int):
+    """A held-out passage cut as every row here scores it: ``(text, data, split, encs)`` (the passage cut to
+    its first ``tokens`` tokens of member 0, its UTF-8, the first byte of the scored rest, every member's
+    ``encode_text``), or None when it is too short or no byte after the prompt starts a token everywhere."""
+    cut = cut_passage(doc, members[0].tokenizer, tokens)
+    if cut is None:
+        return None
+    text, prompt_chars = cut
+    data = text.encode("utf-8")
+    encs = [encode_text(m.tokenizer, text) for m in members]
+    split = common_split(encs, data, len(text[:prompt_chars].encode("utf-8")))
+    return None if split is None else (text, data, split, encs)
+
+
 def engine_positions(ref, enc, text: str) -> tuple[list[int], int]:
     """The engine's ids of ``text`` read with ``ref`` and the index in them of ``enc``'s first text token."""
     ids = ref.encode(text)
@@ -174,16 +188,11 @@ def run(args) -> dict:
     for domain, docs in documents.items():
         nbytes[domain] = causal_bytes[domain] = passages_used[domain] = 0
         for doc_i, doc in enumerate(docs):
-            cut = cut_passage(doc, members[0].tokenizer, args.tokens)
-            if cut is None:
+            passage = split_passage(doc, members, args.tokens)
+            if passage is None:
+                logger.warning("%s passage %d: too short or no common token boundary; skipped", domain, doc_i)
                 continue
-            text, prompt_chars = cut
-            data = text.encode("utf-8")
-            encs = [encode_text(m.tokenizer, text) for m in members]
-            split = common_split(encs, data, len(text[:prompt_chars].encode("utf-8")))
-            if split is None:
-                logger.warning("%s passage %d: no common token boundary; skipped", domain, doc_i)
-                continue
+            text, data, split, encs = passage
             passages_used[domain] += 1
             n_rest = len(data) - split
             nbytes[domain] += n_rest

@@ -32,8 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.alignment_quality_real import common_split, cut_passage
-from langchain_packllm.bytealign import encode_text
+from benchmarks.alignment_quality_real import split_passage
 from langchain_packllm.lab.pack.real import REAL_NAMES, real_eval_documents, real_pack_paths
 from langchain_packllm.members import load_member
 
@@ -92,15 +91,10 @@ def run(args) -> dict:
         seg_bits = [[] for _ in range(K)]
         n_bytes, passage_mix = 0, 0.0
         for doc in docs:
-            cut = cut_passage(doc, members[0].tokenizer, args.tokens)
-            if cut is None:
+            passage = split_passage(doc, members, args.tokens)
+            if passage is None:
                 continue
-            text, prompt_chars = cut
-            data = text.encode("utf-8")
-            encs = [encode_text(m.tokenizer, text) for m in members]
-            split = common_split(encs, data, len(text[:prompt_chars].encode("utf-8")))
-            if split is None:
-                continue
+            text, data, split, _ = passage
             read = [token_logprobs(m, text) for m in members]
             common = set.intersection(*[{s for s in starts if s >= split} for starts, _ in read])
             bounds = sorted(common) + [len(data)]

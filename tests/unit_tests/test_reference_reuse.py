@@ -18,11 +18,11 @@ import torch
 from tokenizers import processors
 
 from langchain_packllm import FusionEngine, SamplingConfig, WeightingConfig
-from langchain_packllm.alignment import MinEDMap
 from langchain_packllm.members import load_member
 from langchain_packllm.reference import added_bos
 from langchain_packllm.testing import make_tiny_model, stdlib_text, train_metaspace_tokenizer
-from tests.naive import mined_cols, plain_bits_per_byte
+from tests.naive import plain_bits_per_byte
+from tests.unit_tests.test_bos_conventions import naive_greedy
 
 PROMPTS = ["def main(argv):\n    return", "import os\n", "The value of x is", "print(", " the of and"]
 
@@ -69,37 +69,6 @@ class EmbeddedTokens:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-def member_input(member, ref_tok, ref_ids: list[int], token_map: MinEDMap) -> list[int]:
-    """What a non-reference member reads for reference ids (its own BOS convention, mapped ids)."""
-    body = ref_ids[1:] if added_bos(ref_tok) is not None else ref_ids
-    mine = added_bos(member.tokenizer)
-    return ([mine] if mine is not None else []) + [int(token_map.ids[i]) for i in body]
-
-
-def naive_greedy(members, ref: int, weights, prompt: str, n: int) -> list[int]:
-    """Greedy decoding with fixed weights, no cache, every member re-run on the whole text each step."""
-    ref_tok = members[ref].tokenizer
-    maps = {k: MinEDMap.from_tokenizers(ref_tok, m.tokenizer) for k, m in enumerate(members) if k != ref}
-    ids = list(ref_tok(prompt)["input_ids"])
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            fused = 0
-            for k, (w, m) in enumerate(zip(weights, members, strict=True)):
-                if k == ref:
-                    logits = m.model(input_ids=torch.tensor([ids])).logits[0, -1, : len(ref_tok)]
-                else:
-                    inp = member_input(m, ref_tok, ids, maps[k])
-                    logits = mined_cols(m.model(input_ids=torch.tensor([inp])).logits[0, -1], maps[k])
-                fused = fused + w * torch.log_softmax(logits.double(), -1)
-            nxt = int(torch.argmax(fused))
-            if nxt == ref_tok.eos_token_id:
-                break
-            out.append(nxt)
-            ids.append(nxt)
-    return out
 
 
 def chosen(members, prompt: str) -> int:
