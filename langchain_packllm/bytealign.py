@@ -165,6 +165,16 @@ def read_text(model: Any, enc: EncodedText, vocab_size: int, use_cache: bool = T
     return TextReading(enc, _forward_logprobs(model, enc.ids, 0, cache, vocab_size), cache)
 
 
+def read_members(
+    members: list[Any], text: str, surfaces: list[TokenizerSurfaces], use_cache: bool = True
+) -> list[TextReading]:
+    """Every member's :func:`read_text` of its own tokens of ``text`` (``surfaces[k]``: member k's)."""
+    return [
+        read_text(m.model, encode_text(m.tokenizer, text, s), s.vocab_size, use_cache)
+        for m, s in zip(members, surfaces, strict=True)
+    ]
+
+
 def bits_per_byte_of(readings: list[TextReading]) -> list[float]:
     """Each member's bits per byte on a text from its :class:`TextReading`, every member scored on the same
     bytes: those after the longest first text token among the members, from the first of its own token
@@ -566,11 +576,9 @@ def reference_logprobs(
         if k not in aligners:
             aligners[k] = PrefixAligner(m.tokenizer, members[ref].tokenizer)
     if readings is None:
-        readings = [
-            read_text(m.model, encode_text(m.tokenizer, text, aligners[k].member), aligners[k].member_vocab_size,
-                      use_cache=False)
-            for k, m in enumerate(members)
-        ]  # fmt: skip
+        readings = read_members(
+            members, text, [aligners[k].member for k in range(len(members))], use_cache=False
+        )
     encs = [r.enc for r in readings]
     rows = [r.logprobs[:, : aligners[k].member_vocab_size] for k, r in enumerate(readings)]
     r_enc = encs[ref]
@@ -756,6 +764,7 @@ __all__ = [
     "bits_per_byte_of",
     "encode_text",
     "prefix_logprobs",
+    "read_members",
     "read_text",
     "reference_logprobs",
     "smooth_logprobs",

@@ -25,7 +25,6 @@ import torch
 
 from langchain_packllm import weights as weights_lib
 from langchain_packllm.config import FusionReport, SamplingConfig, WeightingConfig
-from langchain_packllm.members import new_cache
 from langchain_packllm.online import OnlineWeights
 from langchain_packllm.reference import Plan, Reference
 from langchain_packllm.scoring import Scorer, last_logprobs
@@ -333,7 +332,7 @@ class PrefixSteps:
 
     lazy_members = False  # every member runs every step (weights that follow the text: Mixer keep_all)
 
-    def __init__(self, scorer: Scorer, plan: Plan, ids: list[int], mixer: Mixer, readings=None):
+    def __init__(self, scorer: Scorer, plan: Plan, ids: list[int], mixer: Mixer, readings: list):
         """``readings``: each member's ``bytealign.TextReading`` of the prompt (the prefill's forwards, with
         their caches): decoding continues from them instead of reading the prompt again."""
         from langchain_packllm import bytealign
@@ -351,32 +350,16 @@ class PrefixSteps:
         dev = scorer.mix_device
         self.input_ids = torch.tensor([ids], device=dev)  # (1, L)
         self.mask = torch.ones_like(self.input_ids)
-        positions = torch.arange(self.input_ids.shape[1], device=dev)[None]
-        if readings is not None:
-            if any(readings[k].enc.ids != list(ids) for k in self.direct):
-                raise ValueError("PrefixSteps: the readings are not of the reference ids")
-            self.caches = {k: readings[k].cache for k in self.direct}
-            rows = {k: readings[k].logprobs[-1:, : ref.vocab_size].to(dev) for k in self.direct}
-        else:
-            self.caches = {k: new_cache(members[k].model) for k in self.direct}
-            rows = {
-                k: last_logprobs(scorer.logits(ref, k, self.input_ids, self.mask, positions, self.caches[k]))
-                for k in self.direct
-            }
-            rows = {k: r.to(dev) for k, r in rows.items()}
+        if any(readings[k].enc.ids != list(ids) for k in self.direct):
+            raise ValueError("PrefixSteps: the readings are not of the reference ids")
+        self.caches = {k: readings[k].cache for k in self.direct}
+        rows = {k: readings[k].logprobs[-1:, : ref.vocab_size].to(dev) for k in self.direct}
         with torch.inference_mode():
             prior = rows[ref.index]
             prompt = plan.prompts[0]
-            rows.update(
-                {
-                    k: (
-                        st.start(prompt, prior) if readings is None else st.resume(prompt, readings[k], prior)
-                    ).to(dev)
-                    for k, st in self.states.items()
-                }
-            )
+            rows.update({k: st.resume(prompt, readings[k], prior).to(dev) for k, st in self.states.items()})
         self.rows = rows
-        self.positions = positions[:, -1:] + 1
+        self.positions = torch.full_like(self.input_ids[:, :1], self.input_ids.shape[1])  # (1, 1): the next
         self.surfaces = ref.aligners[ref.index].reference.surfaces
         self.scores = self._smoothed()
 

@@ -294,11 +294,9 @@ class FusionEngine:
         prompt, truncated = self._fit_text(prompt, plan.reserve)
         aligners = dict(enumerate(ref.aligners))
         # one forward per member over its own tokens, with its cache: the choice's when it read this text
-        readings = plan.given_texts(prompt) or [
-            bytealign.read_text(m.model, bytealign.encode_text(m.tokenizer, prompt, aligners[k].member),
-                                aligners[k].member_vocab_size)
-            for k, m in enumerate(self.members)
-        ]  # fmt: skip
+        readings = plan.given_texts(prompt) or bytealign.read_members(
+            self.members, prompt, [aligners[k].member for k in range(len(self.members))]
+        )
         lp, r_enc = bytealign.reference_logprobs(self.members, ref.index, prompt, aligners, readings=readings)
         lp = bytealign.smooth_logprobs(lp).to(self.mix_device)
         targets = torch.tensor(r_enc.ids[r_enc.n_special :], device=self.mix_device)  # (T,)

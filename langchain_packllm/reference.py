@@ -244,6 +244,7 @@ class ReferencePolicy:
             self.alignment = "mined" if alignment == "auto" and mismatch else "none"
         self._eos = [frozenset(m.eos_token_ids) for m in self.members]
         self._references: dict[int, Reference] = {}
+        self._own: dict[int, Reference] = {}  # member index -> its own view (ReferencePolicy.own)
         self._surfaces: dict[int, Any] = {}  # member index -> its TokenizerSurfaces (immutable)
         self._lock = threading.RLock()  # guards the caches while a map is built
 
@@ -383,15 +384,14 @@ class ReferencePolicy:
     def own(self, index: int) -> Reference:
         """Member ``index`` reading its own vocabulary with no other member (the view the reference
         choice's forward runs with): no token maps, so nothing is built. Cached."""
-        key = -1 - index
-        ref = self._references.get(key)
+        ref = self._own.get(index)
         if ref is None:
             member = self.members[index]
             K = len(self.members)
             ref = Reference(index, member.name, member.tokenizer, len(member.tokenizer), self._eos[index],
                             self.alignment, (None,) * K, None, _byte_fallback_ids(member.tokenizer))  # fmt: skip
             with self._lock:
-                ref = self._references.setdefault(key, ref)
+                ref = self._own.setdefault(index, ref)
         return ref
 
     def plan(

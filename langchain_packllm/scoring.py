@@ -313,18 +313,21 @@ class Scorer:
         positions = (mask.cumsum(-1) - 1).clamp(min=0) if padded else None
         K, (B, L) = len(self.members), input_ids.shape
         scores = self.score_buffer((K, B, L, ref.vocab_size))
-        caches = [new_cache(m.model) if use_cache else None for m in self.members]
+        given = list(given or ()) + [None] * (K - len(given or ()))
+        for k, held in enumerate(given):
+            if held is not None:
+                if B != 1 or held[0].shape[:2] != (1, L) or ref.token_maps[k] is not None:
+                    raise ValueError(
+                        f"given scores of member {k} do not fit this prefill (one row of {L} ids)"
+                    )
+                scores[k].copy_(held[0][..., : ref.vocab_size])
+        caches = [
+            None if not use_cache else new_cache(m.model) if held is None else held[1]
+            for m, held in zip(self.members, given, strict=True)
+        ]
         run_mask = mask if padded else None
         views = [self._start_view(ref, k, batch, L) for k in range(K)]
-        run = list(range(K))
-        for k, held in enumerate(given or ()):
-            if held is None:
-                continue
-            if B != 1 or held[0].shape[:2] != (1, L) or ref.token_maps[k] is not None:
-                raise ValueError(f"given scores of member {k} do not fit this prefill (one row of {L} ids)")
-            scores[k].copy_(held[0][..., : ref.vocab_size])
-            caches[k] = held[1] if use_cache else None
-            run.remove(k)
+        run = [k for k in range(K) if given[k] is None]
         self.run_members(
             lambda k: self._prefill_member(
                 ref, k, scores[k], input_ids, run_mask, positions, caches[k], views[k]
