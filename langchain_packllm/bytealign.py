@@ -179,13 +179,9 @@ def bits_per_byte_of(readings: list[TextReading]) -> list[float]:
     """Each member's bits per byte on a text from its :class:`TextReading`, every member scored on the same
     bytes: those after the longest first text token among the members, from the first of its own token
     boundaries there (as ``reference.bits_per_byte``). NaN where no token starts there."""
-    spans = []
-    for r in readings:
-        enc = r.enc
-        text_starts = [max(0, a - len(enc.lead)) for a in enc.starts[enc.n_special :]]
-        spans.append(text_starts)
+    spans = [[max(0, a - len(r.enc.lead)) for a in r.enc.starts[r.enc.n_special :]] for r in readings]
     total = len(readings[0].enc.stream) - len(readings[0].enc.lead)
-    skip = max((ts[1] if len(ts) > 1 else total) for ts in spans) if spans else 0
+    skip = max((ts[1] if len(ts) > 1 else total) for ts in spans)
     out = []
     for r, ts in zip(readings, spans, strict=True):
         first = next((i for i, a in enumerate(ts) if a >= skip and a < total), None)
@@ -194,7 +190,7 @@ def bits_per_byte_of(readings: list[TextReading]) -> list[float]:
             continue
         j = r.enc.n_special + first  # the first scored token; row j - 1 predicts it
         targets = torch.tensor(r.enc.ids[j:], device=r.logprobs.device)
-        nll = -r.logprobs[j - 1 : -1].double().gather(-1, targets[:, None]).sum()
+        nll = -r.logprobs[j - 1 : -1].gather(-1, targets[:, None]).double().sum()  # the targets' rows only
         out.append(float(nll) / math.log(2) / (total - ts[first]))
     return out
 
