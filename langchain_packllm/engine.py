@@ -67,8 +67,10 @@ from langchain_packllm.reference import (
     Reference,
     ReferencePolicy,
     bits_per_byte,
+    common_rows,
     decode_ids,
     encode_prompt,
+    prompt_tokens,
 )
 from langchain_packllm.scoring import KEEP_BUFFER_BYTES, PrefillScores, Scorer
 
@@ -251,6 +253,8 @@ class FusionEngine:
         ref = plan.reference
         if ref.alignment == "prefix":
             return self._prefix_prefill(plan, config)
+        if ref.own_prompt:
+            return self._own_prefill(plan, config, use_cache)
         pre = self.scorer.prefill(ref, plan.ids, use_cache=use_cache, given=plan.given_scores())
         L = pre.input_ids.shape[1]
         solutions, reports = [], []
@@ -279,7 +283,58 @@ class FusionEngine:
         weights = torch.stack([s.weights for s in solutions])
         mixer = Mixer.build(weights, self.mix_device, pre.last.dtype)
         lazy = _follows(config)  # members at weight 0 skip steps and catch up before each re-solve
-        return reports, solutions, (lambda: CachedSteps(self.scorer, plan, pre, mixer, lazy=lazy))
+        return reports, solutions, (lambda: CachedSteps(self.scorer, plan, pre, mixer, lazy=lazy)), None
+
+    def _own_read(self, plan: Plan, config: WeightingConfig, use_cache: bool):
+        """Weights for one prompt under ``alignment="own-prompt"``: every member reads the prompt with its
+        own tokens (the reference choice's forward, when the plan kept it), the weights are solved on the
+        positions where every member has read up to the same byte (each member's row there read on the
+        reference vocabulary through its MinED map), and decoding continues from each member's own cache,
+        new tokens reaching the other members through their maps."""
+        if len(plan) != 1:
+            raise ValueError("alignment='own-prompt' decodes one prompt at a time.")
+        ref, prompt, fallback = plan.reference, plan.prompts[0], plan.fallbacks[0]
+        truncated = False
+        if prompt:
+            prompt, truncated = self._fit_text(prompt, plan.reserve)
+        tokens = [
+            prompt_tokens(m.tokenizer, prompt, self.references.own(k).start_token())
+            for k, m in enumerate(self.members)
+        ]
+        ids = list(tokens[ref.index].ids)
+        held = plan.given_own([t.ids for t in tokens])  # the choice's forwards of these very ids
+        ran = self.scorer.run_members(
+            lambda k: self.scorer.prefill_member(
+                self.references.own(k), k, tokens[k].ids, use_cache=use_cache
+            ),
+            [k for k in range(len(self.members)) if held[k] is None],
+        )
+        forwards = [h if h is not None else r for h, r in zip(held, ran, strict=True)]
+        positions, rows = common_rows(tokens, ref.index)
+        if not positions and fallback is None and len(ids) > 1:
+            fallback = "no prompt position where every member's tokens end at the same byte: uniform weights"
+        pre = self.scorer.prefill_own(ref, ids, forwards, rows)
+        del forwards, held, ran
+        targets = pre.input_ids[0, [p + 1 for p in positions]]  # (T,)
+        solution = solve(pre.scores[:, 0], targets, config, fallback)
+        report = make_report(
+            solution, self.names, config, prompt_tokens=len(ids), truncated=truncated, reference=ref,
+            approx_tokens=ref.approx_count(targets), bits_per_byte=plan.bits_per_byte[0],
+        )  # fmt: skip
+        self.scorer.recycle(pre.scores)
+        pre.scores = None
+        plan = dataclasses.replace(plan, prompts=(prompt,), ids=(tuple(ids),), truncated=(truncated,))
+        lengths = [(m.max_length, len(t.ids)) for m, t in zip(self.members, tokens, strict=True)]
+        budget = min((limit - n for limit, n in lengths if limit is not None), default=None)
+        return report, solution, pre, plan, budget
+
+    def _own_prefill(self, plan: Plan, config: WeightingConfig, use_cache: bool):
+        """:meth:`_prefill` under ``alignment="own-prompt"`` (see :meth:`_own_read`)."""
+        report, solution, pre, plan, budget = self._own_read(plan, config, use_cache)
+        mixer = Mixer.build(solution.weights[None], self.mix_device, pre.last.dtype)
+        lazy = _follows(config)
+        start = lambda: CachedSteps(self.scorer, plan, pre, mixer, lazy=lazy)  # noqa: E731
+        return [report], [solution], start, [budget]
 
     def _prefix_prefill(self, plan: Plan, config: WeightingConfig):
         """Weights for one prompt under ``alignment="prefix"``: every member reads its own tokens and its
@@ -308,7 +363,8 @@ class FusionEngine:
         mixer = Mixer.build(solution.weights[None], self.mix_device, lp.dtype, keep_all=_follows(config))
         if truncated:
             plan = dataclasses.replace(plan, prompts=(prompt,))
-        return [report], [solution], (lambda: PrefixSteps(self.scorer, plan, r_enc.ids, mixer, readings))
+        start = lambda: PrefixSteps(self.scorer, plan, r_enc.ids, mixer, readings)  # noqa: E731
+        return [report], [solution], start, None
 
     def _fit_text(self, text: str, reserve: int) -> tuple[str, bool]:
         """Under ``alignment="prefix"`` every member reads the text with its own tokens: keep the tail of the
@@ -351,9 +407,13 @@ class FusionEngine:
         ``max_new_tokens == 0``, else after every step. ``track_text=False`` (with no stop sequences) leaves
         ``row.text`` empty: decode the ids once at the end."""
         weighting, sampling = weighting or WeightingConfig(), sampling or SamplingConfig()
-        reports, solutions, start = self._prefill(plan, weighting, use_cache=sampling.max_new_tokens > 0)
-        limit = self._context_limit(plan.reference)
-        rows = [Row(budget=None if limit is None else limit - r.prompt_tokens) for r in reports]
+        reports, solutions, start, budgets = self._prefill(
+            plan, weighting, use_cache=sampling.max_new_tokens > 0
+        )
+        if budgets is None:  # every member's context holds the prompt's reference ids (one per member token)
+            limit = self._context_limit(plan.reference)
+            budgets = [None if limit is None else limit - r.prompt_tokens for r in reports]
+        rows = [Row(budget=b) for b in budgets]
         online = start_online(weighting, solutions, [r.prompt_tokens for r in reports])
         if sampling.max_new_tokens == 0:
             yield rows, with_trajectories(reports, online, self.names)
@@ -387,7 +447,7 @@ class FusionEngine:
         weighting, sampling = weighting or WeightingConfig(), sampling or SamplingConfig()
         outputs: list[FusionOutput | None] = [None] * len(prompts)
         for indices, plan in self.plan(prompts, sampling.max_new_tokens, reference):
-            if plan.reference.alignment == "prefix":
+            if plan.reference.one_prompt_at_a_time:
                 parts = [self._one(p, weighting, sampling) for p in self._split(plan)]
             else:
                 parts = [self._one(plan, weighting, sampling)]
@@ -460,7 +520,7 @@ class FusionEngine:
         """The weights and perplexities the pack would use for ``prompt`` (prefill only, no decoding)."""
         weighting = weighting or WeightingConfig()
         ((_, plan),) = self.plan([prompt], 0, reference)
-        reports, solutions, _ = self._prefill(plan, weighting, use_cache=False)
+        reports, solutions, _, _ = self._prefill(plan, weighting, use_cache=False)
         online = start_online(weighting, solutions, [r.prompt_tokens for r in reports])
         return with_trajectories(reports, online, self.names)[0]
 
@@ -499,6 +559,8 @@ class FusionEngine:
                 f"Context plus continuation is {len(whole)} tokens, longer than the members' context "
                 f"({limit}); shorten the context."
             )
+        if ref.own_prompt:
+            return self._loglikelihood_own(ref, context, whole[n_ctx:], weighting, bpb)
         pre = self.scorer.prefill(ref, [whole], use_cache=False)
         lp = pre.scores[:, 0]  # (K, L, V) raw logits: the fused log-softmax below normalises
         ids = pre.input_ids[0]
@@ -521,6 +583,37 @@ class FusionEngine:
         is_greedy = bool((fused.argmax(-1) == cont).all())
         self.scorer.recycle(pre.scores)
         return LoglikelihoodResult(logprob, is_greedy, report)
+
+    def _loglikelihood_own(
+        self, ref: Reference, context: str, cont: list[int], weighting: WeightingConfig, bpb
+    ) -> LoglikelihoodResult:
+        """:meth:`loglikelihood` under ``alignment="own-prompt"``: every member reads the context with its
+        own tokens and the continuation's reference ids through its map, as if it had generated them."""
+        plan = Plan(ref, (context,), ((),), (False,), (None if context else "empty context: uniform weights",),
+                    (bpb,))  # fmt: skip
+        report, solution, pre, _, budget = self._own_read(plan, weighting, use_cache=True)
+        if budget is not None and len(cont) > budget:
+            raise ValueError(
+                f"The continuation is {len(cont)} tokens and the members' contexts hold {budget} more after "
+                "the context; shorten the context."
+            )
+        ids = torch.tensor([cont], device=self.mix_device)  # (1, C)
+        K = len(self.members)
+        lp = pre.last  # (K, 1, V): the context's last rows predict cont[0]
+        if len(cont) > 1:
+            read = self.scorer.read(ref, ids[:, :-1], None, None, pre.caches, range(K))
+            lp = torch.cat([lp, torch.stack([read[k][0].to(lp) for k in range(K)])], dim=1)
+        # (K, C, V) raw logits: position t predicts cont[t]
+        online = start_online(weighting, [solution], [report.prompt_tokens])
+        target = ids[0]
+        if online is None:
+            fused = torch.einsum("k,ktv->tv", solution.weights.to(lp), lp)
+            fused = torch.log_softmax(fused.double(), dim=-1)
+        else:
+            fused = online.fused_logprobs(lp, target)
+            report = with_trajectories([report], online, self.names)[0]
+        logprob = float(fused.gather(-1, target.view(-1, 1)).sum())
+        return LoglikelihoodResult(logprob, bool((fused.argmax(-1) == target).all()), report)
 
 
 def _follows(config: WeightingConfig) -> bool:

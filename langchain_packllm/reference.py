@@ -30,7 +30,7 @@ import torch
 
 from langchain_packllm.members import Member
 
-ALIGNMENTS = ("auto", "mined", "prefix", "none")
+ALIGNMENTS = ("auto", "mined", "own-prompt", "prefix", "none")
 
 # (member index, its own ids) -> (its raw scores (1, n, V), its KV cache): Scorer.prefill_member
 Reader = Callable[[int, list[int]], tuple[torch.Tensor, Any]]
@@ -75,6 +75,14 @@ class Reference:
     token_maps: tuple[TokenMap | None, ...]
     aligners: tuple[Any, ...] | None  # prefix mode: PrefixAligner (member k -> reference) per member
     byte_ids: frozenset[int] = frozenset()  # byte-fallback tokens (<0xNN>): their text depends on the next
+    # alignment="own-prompt": every member reads the prompt with its own tokens (the reference choice's
+    # forwards), new tokens through the MinED maps; prompts are decoded one at a time
+    own_prompt: bool = False
+
+    @property
+    def one_prompt_at_a_time(self) -> bool:
+        """Whether calls decode their prompts one by one (members read prompts with their own tokens)."""
+        return self.alignment == "prefix" or self.own_prompt
 
     def stable_text_length(self, ids: Sequence[int]) -> int:
         """How much of ``decode(ids)`` later tokens cannot change: all of it, except the text of a trailing
@@ -190,6 +198,14 @@ class Plan:
         given[self.reference.index] = taken
         return given
 
+    def given_own(self, ids: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, Any] | None]:
+        """Under ``alignment="own-prompt"``: per member, the reference choice's forward ``(scores (1, n, V_k),
+        cache)`` when it read exactly ``ids[k]`` (the member's own ids of the prompt), else None. Handed out
+        once, as :meth:`given_scores`."""
+        if len(self.prompts) != 1 or not self.readings or self.readings[0] is None:
+            return [None] * len(ids)
+        return [self.readings[0].take(k, tuple(own)) for k, own in enumerate(ids)]
+
     def given_texts(self, text: str) -> list[Any] | None:
         """Under ``alignment="prefix"``: per member, the choice's forward over its own tokens of ``text``
         (a :class:`~langchain_packllm.bytealign.TextReading`), when the plan holds one prompt and the choice
@@ -228,7 +244,9 @@ class ReferencePolicy:
 
     def __init__(self, members: Sequence[Member], alignment: str, mix_device: torch.device):
         if alignment not in ALIGNMENTS:
-            raise ValueError(f"alignment must be 'auto', 'mined', 'prefix' or 'none'; got {alignment!r}.")
+            raise ValueError(
+                f"alignment must be 'auto', 'mined', 'own-prompt', 'prefix' or 'none'; got {alignment!r}."
+            )
         self.members = list(members)
         self.mix_device = mix_device
         mismatch = _first_vocabulary_mismatch(self.members)
@@ -238,7 +256,7 @@ class ReferencePolicy:
                 f"Members {a!r} and {b!r} have different vocabularies and alignment='none'; use "
                 "alignment='mined' to fuse them through token maps."
             )
-        if alignment in ("mined", "prefix"):
+        if alignment in ("mined", "own-prompt", "prefix"):
             self.alignment = alignment
         else:
             self.alignment = "mined" if alignment == "auto" and mismatch else "none"
@@ -276,7 +294,7 @@ class ReferencePolicy:
         vocab = len(member.tokenizer)
         maps: list[TokenMap | None] = [None] * K
         aligners = None
-        if self.alignment == "mined":
+        if self.alignment in ("mined", "own-prompt"):
             from langchain_packllm.alignment import MinEDMap
 
             ref_bos = added_bos(member.tokenizer)
@@ -297,8 +315,9 @@ class ReferencePolicy:
             from langchain_packllm.bytealign import PrefixAligner
 
             aligners = tuple(PrefixAligner(m.tokenizer, member.tokenizer) for m in self.members)
-        return Reference(index, member.name, member.tokenizer, vocab, self._eos[index], self.alignment,
-                         tuple(maps), aligners, byte_ids)  # fmt: skip
+        mode = "mined" if self.alignment == "own-prompt" else self.alignment
+        return Reference(index, member.name, member.tokenizer, vocab, self._eos[index], mode, tuple(maps),
+                         aligners, byte_ids, own_prompt=self.alignment == "own-prompt")  # fmt: skip
 
     def surfaces(self, index: int):
         """Member ``index``'s :class:`~langchain_packllm.alignment.TokenizerSurfaces`, computed once and
@@ -363,7 +382,8 @@ class ReferencePolicy:
                 return self.reference(_lowest(bpb)), bpb, kept
         forwards: dict[int, tuple[Any, Any]] = {}
         forward = None
-        if read is not None and self.alignment == "mined":
+        keep_all = self.alignment == "own-prompt"  # every member's forward is its prompt reading
+        if read is not None and self.alignment in ("mined", "own-prompt"):
 
             def forward(k: int, ids: list[int]) -> torch.Tensor:
                 scores, cache = read(k, ids)
@@ -372,13 +392,16 @@ class ReferencePolicy:
 
         values: list[float] = []
         for value in iter_bits_per_byte(self.members, text, forward):
-            values.append(value)  # keep only the best forward so far: at most two are held at once
+            values.append(value)  # MinED keeps only the best forward so far: at most two are held at once
             best = _lowest(values)
-            for k in [k for k in forwards if k != best]:
+            for k in [k for k in forwards if k != best and not keep_all]:
                 del forwards[k]
         bpb = tuple(values)
         index = _lowest(bpb)
-        kept = Reading({index: forwards[index]}) if index in forwards else None
+        if keep_all:
+            kept = Reading(forwards) if forwards else None
+        else:
+            kept = Reading({index: forwards[index]}) if index in forwards else None
         return self.reference(index), bpb, kept
 
     def own(self, index: int) -> Reference:
@@ -388,8 +411,9 @@ class ReferencePolicy:
         if ref is None:
             member = self.members[index]
             K = len(self.members)
+            mode = "mined" if self.alignment == "own-prompt" else self.alignment
             ref = Reference(index, member.name, member.tokenizer, len(member.tokenizer), self._eos[index],
-                            self.alignment, (None,) * K, None, _byte_fallback_ids(member.tokenizer))  # fmt: skip
+                            mode, (None,) * K, None, _byte_fallback_ids(member.tokenizer))  # fmt: skip
             with self._lock:
                 ref = self._own.setdefault(index, ref)
         return ref
@@ -426,6 +450,8 @@ class ReferencePolicy:
         for indices, rows in groups.values():
             ref = rows[0][2]
             limit = max_length - 1 if max_length is not None and ref.leads else max_length
+            if ref.own_prompt:  # every member reads its own tokens: the prefill keeps the text's tail
+                limit = None
             fitted = [fit(ref, ref.encode(row[0]), reserve, limit) for row in rows]
             plan = Plan(
                 reference=ref,
@@ -512,17 +538,71 @@ def iter_bits_per_byte(
 
 
 def _encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
-    """Ids with special tokens, and each token's (start, end) in UTF-8 bytes of ``text`` (None without a
-    fast tokenizer)."""
+    """Ids with special tokens (as :func:`encode_prompt`: never BOS twice), and each token's (start, end)
+    in UTF-8 bytes of ``text`` (None without a fast tokenizer)."""
     try:
         enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError):
-        return list(tokenizer(text, add_special_tokens=True)["input_ids"]), None
+        return encode_prompt(tokenizer, text), None
     byte_at = [0]
     for ch in text:
         byte_at.append(byte_at[-1] + len(ch.encode("utf-8")))
-    offsets = [(byte_at[a], byte_at[b]) for a, b in enc["offset_mapping"]]
-    return list(enc["input_ids"]), offsets
+    ids, offsets = list(enc["input_ids"]), [(byte_at[a], byte_at[b]) for a, b in enc["offset_mapping"]]
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:2] == [bos, bos]:  # the text (e.g. a chat template) already had BOS
+        ids, offsets = ids[1:], offsets[1:]
+    return ids, offsets
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A member's own tokens of a prompt (``alignment="own-prompt"``) and where the text read so far ends
+    after each: ``ends[j]`` is a byte offset into the prompt when token ``j`` ends at a character boundary
+    that no later token starts before (the last of a run of byte-fallback pieces of one character), else
+    -1. Special tokens before the text end at 0."""
+
+    ids: tuple[int, ...]
+    ends: tuple[int, ...]
+
+
+def prompt_tokens(tokenizer: Any, text: str, start_token: int) -> PromptTokens:
+    """``tokenizer``'s reading of a prompt (:func:`encode_prompt`; ``[start_token]`` when that is empty) and
+    its token ends (see :class:`PromptTokens`). Needs a fast tokenizer (offsets)."""
+    ids, offsets = _encode_with_offsets(tokenizer, text)
+    if offsets is None:
+        raise ValueError(
+            f"alignment='own-prompt' needs fast tokenizers (token offsets); "
+            f"{getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has none. Use alignment='mined'."
+        )
+    if not ids:
+        return PromptTokens((int(start_token),), (0,))
+    ends = []
+    for j, (_, end) in enumerate(offsets):
+        following = offsets[j + 1][0] if j + 1 < len(offsets) else None
+        ends.append(end if following is None or following >= end else -1)
+    return PromptTokens(tuple(int(i) for i in ids), tuple(ends))
+
+
+def common_rows(tokens: Sequence[PromptTokens], ref: int) -> tuple[list[int], list[list[int]]]:
+    """The prompt positions every member has read up to (``alignment="own-prompt"``): the reference
+    positions ``i`` (each with a next token to predict) where the text read so far ends at the same byte
+    for every member, and per member the index of its row there (its last token ending at that byte).
+    Returns ``(positions, rows)`` with ``rows[ref] == positions``."""
+    at = [{e: j for j, e in enumerate(t.ends) if e >= 0} for t in tokens]
+    positions: list[int] = []
+    rows: list[list[int]] = [[] for _ in tokens]
+    ref_ends = tokens[ref].ends
+    for i in range(len(ref_ends) - 1):
+        e = ref_ends[i]
+        if e < 0 or at[ref].get(e) != i:
+            continue
+        found = [at[k].get(e) for k in range(len(tokens))]
+        if any(j is None for j in found):
+            continue
+        positions.append(i)
+        for k, j in enumerate(found):
+            rows[k].append(j)  # type: ignore[arg-type]
+    return positions, rows
 
 
 def _bits_per_byte_own_span(m: Member, text: str, logits: Callable[[list[int]], torch.Tensor]) -> float:

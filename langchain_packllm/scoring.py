@@ -349,6 +349,39 @@ class Scorer:
         self._prefill_member(ref, k, scores, input_ids, None, None, cache, None)
         return scores, cache
 
+    def prefill_own(
+        self,
+        ref: Reference,
+        ids: Sequence[int],
+        forwards: Sequence[tuple[torch.Tensor, Any]],
+        rows: Sequence[Sequence[int]],
+    ) -> PrefillScores:
+        """``alignment="own-prompt"``: one prompt that every member read with its own tokens
+        (``forwards[k]``: :meth:`prefill_member`'s scores ``(1, n_k, V_k)`` and cache on its own view), as
+        the prefill of the reference ids ``ids``. ``scores`` ``(K, 1, T, V)`` holds each member's rows
+        ``rows[k]`` (the positions every member read up to, :func:`~langchain_packllm.reference.common_rows`)
+        on the reference vocabulary (read through its MinED map, as :meth:`logits` reads a decode step);
+        ``last`` each member's last row, from which decoding continues on its own cache."""
+        K, V = len(self.members), ref.vocab_size
+        T = len(rows[ref.index])
+        scores = self.score_buffer((K, 1, T, V))
+        last = torch.empty((K, 1, V), dtype=self.scores_dtype, device=self.mix_device)
+        for k, ((own, _), at) in enumerate(zip(forwards, rows, strict=True)):
+            index = torch.tensor([*at, own.shape[1] - 1], dtype=torch.long, device=own.device)
+            picked = own[0].index_select(0, index)  # (T + 1, V_k)
+            token_map = ref.token_maps[k]
+            if token_map is None:
+                picked = picked[:, :V]
+            else:
+                picked = take_columns(picked, token_map.ids.to(picked.device))
+                if token_map.split is not None:
+                    picked = picked + token_map.split.to(picked)
+            scores[k, 0].copy_(picked[:T])
+            last[k, 0].copy_(picked[T])
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.mix_device)
+        caches = [cache for _, cache in forwards]
+        return PrefillScores(scores, input_ids, torch.ones_like(input_ids), False, caches, last, None)
+
     def _start_view(self, ref: Reference, k: int, batch: Sequence[Sequence[int]], L: int) -> StartView | None:
         token_map = ref.token_maps[k]
         if token_map is None or (token_map.lead is None and token_map.hide is None):

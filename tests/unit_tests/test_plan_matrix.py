@@ -1,7 +1,7 @@
 """Every feature on every alignment mode, whichever member is the reference: the matrix of issue 12.
 
 Packs of two tiny members with different tokenizers (a Metaspace BPE with byte fallback and a byte-level
-BPE), in both orders, under ``alignment="mined"`` and ``"prefix"``; the reference member is forced to each
+BPE), in both orders, under ``alignment="mined"``, ``"own-prompt"`` and ``"prefix"``; the reference member is forced to each
 member in turn (``reference`` is chosen per prompt, so the tests pin it to exercise both). Greedy decoding
 with fixed weights is checked token for token against naive decoders written plainly (no cache, no
 batching); constrained decoding against the same naive loop with the grammar mask applied by hand.
@@ -81,9 +81,8 @@ def members(module_home, metaspace_path, tiny_paths):
     return [load_member(p, torch_dtype="float64", device="cpu") for p in (metaspace_path, tiny_paths[0])]
 
 
-CASES = [
-    (mode, order, ref) for mode in ("mined", "prefix") for order in ("ms-first", "bl-first") for ref in (0, 1)
-]
+MODES = ("mined", "own-prompt", "prefix")
+CASES = [(mode, order, ref) for mode in MODES for order in ("ms-first", "bl-first") for ref in (0, 1)]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{m}-{o}-ref{r}" for m, o, r in CASES])
@@ -126,9 +125,36 @@ def naive_mined(members, ref: int, weights, ids: list[int], n: int, processor=No
     return out
 
 
+def naive_own_prompt(members, ref: int, weights, prompt: str, n: int, processor=None) -> list[int]:
+    """``alignment="own-prompt"`` step by step (no cache): every member reads the prompt with its own
+    tokenizer (its own special tokens), then the new reference tokens, mapped by MinED for the others."""
+    ref_tok = members[ref].tokenizer
+    maps = {k: MinEDMap.from_tokenizers(ref_tok, m.tokenizer) for k, m in enumerate(members) if k != ref}
+    own = [m.tokenizer(prompt)["input_ids"] for m in members]
+    out: list[int] = []
+    eos = members[ref].eos_token_ids
+    with torch.no_grad():
+        for _ in range(n):
+            fused = 0
+            for k, (w, m) in enumerate(zip(weights, members)):
+                inp = own[k] + (out if k == ref else [int(maps[k].ids[i]) for i in out])
+                logits = m.model(input_ids=torch.tensor([inp])).logits[0, -1].double()
+                cols = logits[: len(ref_tok)] if k == ref else mined_cols(logits, maps[k])
+                fused = fused + w * torch.log_softmax(cols, -1)
+            if processor is not None:
+                fused = processor(torch.tensor([own[ref] + out]), torch.log_softmax(fused, -1)[None])[0]
+            nxt = int(torch.argmax(fused))
+            if nxt in eos:
+                break
+            out.append(nxt)
+    return out
+
+
 def naive(mode, members, ref, prompt, n):
     if mode == "mined":
         return naive_mined(members, ref, W, members[ref].tokenizer(prompt)["input_ids"], n)
+    if mode == "own-prompt":
+        return naive_own_prompt(members, ref, W, prompt, n)
     return naive_prefix_greedy(members, ref, W, prompt, n)
 
 
@@ -197,13 +223,19 @@ def test_loglikelihood_equals_the_plain_sum_or_refuses_clearly(case, monkeypatch
     with torch.no_grad():
         fused = 0
         for k, (w, m) in enumerate(zip(W, pack)):
-            inp = ids if k == ref else [int(maps[k].ids[i]) for i in ids]
-            logits = m.model(input_ids=torch.tensor([inp])).logits[0].double()
+            if mode == "own-prompt":  # its own tokens of the context, then the continuation through its map
+                own = m.tokenizer(ctx)["input_ids"]
+                cont_ids = ids[n_ctx:] if k == ref else [int(maps[k].ids[i]) for i in ids[n_ctx:]]
+                logits = m.model(input_ids=torch.tensor([own + cont_ids])).logits[0].double()
+                logits = logits[len(own) - 1 : -1]  # each row predicts the next continuation token
+            else:
+                inp = ids if k == ref else [int(maps[k].ids[i]) for i in ids]
+                logits = m.model(input_ids=torch.tensor([inp])).logits[0].double()[n_ctx - 1 : -1]
             cols = logits[:, : len(tok)] if k == ref else mined_cols(logits, maps[k])
             fused = fused + w * torch.log_softmax(cols, -1)
         lp = torch.log_softmax(fused, -1)
         for t in range(n_ctx, len(ids)):
-            total += float(lp[t - 1, ids[t]])
+            total += float(lp[t - n_ctx, ids[t]])
     (res,) = engine.loglikelihood([(ctx, cont)], WeightingConfig(W))
     assert res.logprob == pytest.approx(total, rel=1e-9)
     assert res.report.reference == pack[ref].name
@@ -242,14 +274,19 @@ def test_tool_calls_under_every_choice_equal_the_naive_constrained_decoder(case,
     assert [(c["name"], c["args"]) for c in merged.tool_calls] == [
         (c["name"], c["args"]) for c in msg.tool_calls
     ]
-    if mode != "mined" or choice == "none":
+    if mode == "prefix" or choice == "none":
         return
-    # token for token: the naive MinED loop with the same grammar mask, on the same rendered prompt
+    # token for token: the naive loop with the same grammar mask, on the same rendered prompt
     plan = chat._plan(messages, None, bound.kwargs)
     (proc,) = [p for p in plan.sampling.processors(None) if hasattr(p, "grammar")]
-    ((_, fitted),) = engine.plan([plan.prompt], plan.sampling.max_new_tokens, plan.reference)
-    ids = list(fitted.ids[0])  # as the engine reads it: truncated to the tiny members' context
-    want = naive_mined(pack, ref, W, ids, plan.sampling.max_new_tokens, processor=proc)
+    n = plan.sampling.max_new_tokens
+    if mode == "own-prompt":  # every member reads the text's tail that fits its context (the engine's cut)
+        text, _ = engine._fit_text(plan.prompt, n)
+        want = naive_own_prompt(pack, ref, W, text, n, processor=proc)
+    else:
+        ((_, fitted),) = engine.plan([plan.prompt], n, plan.reference)
+        ids = list(fitted.ids[0])  # as the engine reads it: truncated to the tiny members' context
+        want = naive_mined(pack, ref, W, ids, n, processor=proc)
     text = plan.reference.decode(want).lstrip()
     if msg.tool_calls:
         data = json.loads(text)
