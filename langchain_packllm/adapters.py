@@ -225,8 +225,8 @@ class PackSettings(DecodingSettings):
 
         ``trust_remote_code`` stays False unless given in ``model_kwargs`` / ``tokenizer_kwargs``. Loaded
         models are cached per process, so building another instance over them is instant. ``alignment``
-        ("auto", "mined", "prefix", "none") says how members with different tokenizers are fused (see
-        FusionEngine).
+        ("auto", "mined", "own-prompt", "prefix", "none") says how members with different tokenizers are
+        fused (see FusionEngine).
         """
         engine = load_engine(
             model_ids,

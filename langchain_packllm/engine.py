@@ -106,8 +106,12 @@ class FusionEngine:
             one, else ``"mined"``. ``"mined"``: the paper's section 3.4: per prompt the reference tokenizer is
             that of the member with the lowest bits per byte on the prompt (each member scoring its own
             tokenization); the others read the reference tokens through minimum-edit-distance token maps and
-            their logits are mapped back onto the reference vocabulary. ``"none"``: refuse different
-            vocabularies. ``"prefix"`` (opt-in): every member reads its own tokens and its distributions
+            their logits are mapped back onto the reference vocabulary. ``"own-prompt"`` (opt-in): as
+            ``"mined"``, except that every member reads the prompt with its own tokens (the reference
+            choice's forwards, reused: one forward per member over the prompt), the weights are solved on
+            the prompt positions where every member has read up to the same byte, and only new tokens reach
+            the other members through the maps; prompts are decoded one at a time. ``"none"``: refuse
+            different vocabularies. ``"prefix"`` (opt-in): every member reads its own tokens and its distributions
             are moved onto the reference vocabulary by string prefix (``langchain_packllm.bytealign``);
             prompts are decoded one at a time and ``loglikelihood`` is not available.
 

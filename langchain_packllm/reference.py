@@ -631,10 +631,16 @@ def _bits_from(
     giving the raw ``(n, V)``) per byte of the ``n_bytes`` they cover; NaN when they cover none."""
     if n_bytes <= 0:
         return float("nan")
-    rows = logits(ids)[start - 1 : -1, : len(m.tokenizer)].float()
-    targets = torch.tensor(ids[start:], device=rows.device)
-    nll = -torch.log_softmax(rows, -1).gather(-1, targets[:, None]).sum()
-    return float(nll) / math.log(2) / n_bytes
+    rows = logits(ids)[start - 1 : -1, : len(m.tokenizer)]
+    targets = torch.tensor(ids[start:], device=rows.device)[:, None]
+    nll = 0.0
+    for a in range(0, rows.shape[0], _NLL_ROWS):  # a few rows at a time: no (n, V) log-softmax is made
+        chunk = rows[a : a + _NLL_ROWS].float()
+        nll += float((torch.logsumexp(chunk, -1) - chunk.gather(-1, targets[a : a + _NLL_ROWS])[:, 0]).sum())
+    return nll / math.log(2) / n_bytes
+
+
+_NLL_ROWS = 16  # rows per chunk in _bits_from: 16 x 262,144 float32 logits is 16 MB
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")

@@ -367,17 +367,21 @@ class Scorer:
         scores = self.score_buffer((K, 1, T, V))
         last = torch.empty((K, 1, V), dtype=self.scores_dtype, device=self.mix_device)
         for k, ((own, _), at) in enumerate(zip(forwards, rows, strict=True)):
-            index = torch.tensor([*at, own.shape[1] - 1], dtype=torch.long, device=own.device)
-            picked = own[0].index_select(0, index)  # (T + 1, V_k)
+            own = own[0]  # (n_k, V_k)
             token_map = ref.token_maps[k]
-            if token_map is None:
-                picked = picked[:, :V]
-            else:
-                picked = take_columns(picked, token_map.ids.to(picked.device))
-                if token_map.split is not None:
-                    picked = picked + token_map.split.to(picked)
-            scores[k, 0].copy_(picked[:T])
-            last[k, 0].copy_(picked[T])
+            cols = None if token_map is None else token_map.ids.to(own.device)
+            # runs of consecutive rows, copied (or gathered: take_columns) straight into the buffer: no
+            # temporary of the selected rows (index_select along rows is also 10x slower on a CPU)
+            for i, j, n in _runs(at):
+                out = scores[k, 0, i : i + n]
+                if cols is None:
+                    out.copy_(own[j : j + n, :V])
+                else:
+                    torch.gather(own[j : j + n], -1, cols.expand(n, cols.numel()), out=out)
+            last[k, 0] = own[-1, :V] if cols is None else own[-1, cols]
+            if token_map is not None and token_map.split is not None:  # read by n reference tokens: 1/n each
+                scores[k, 0] += token_map.split.to(scores)
+                last[k, 0] += token_map.split.to(last)
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.mix_device)
         caches = [cache for _, cache in forwards]
         return PrefillScores(scores, input_ids, torch.ones_like(input_ids), False, caches, last, None)
@@ -452,6 +456,17 @@ class Scorer:
                     torch.addmm(bias, h, weight.T, out=out)
             else:
                 _mm_upcast(h, weight, bias, out)
+
+
+def _runs(index: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(position in index, first value, length)`` of each run of consecutive values in ``index``."""
+    runs: list[tuple[int, int, int]] = []
+    for i, j in enumerate(index):
+        if runs and runs[-1][1] + runs[-1][2] == j:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((i, j, 1))
+    return runs
 
 
 def take_columns(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

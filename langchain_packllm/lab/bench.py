@@ -748,7 +748,8 @@ def bench_ttft_real(members: list[Member], cfg: BenchConfig, progress: Callable[
     members' prefills on the reference ids + the solve (the toy section's bound): the call given that
     reference (``reference=``, no choice) and the whole call. Under ``alignment="prefix"`` the choice, the
     weights' rows and decoding share one forward per member over its own tokens: the whole call against
-    those K forwards + the solve."""
+    those K forwards + the solve. Under ``alignment="own-prompt"`` the choice's forwards are the members'
+    prompt readings: the whole call against the MinED bound and against those K forwards + its solve."""
     rows = []
     for K in cfg.ks:
         engine = FusionEngine(members[:K])
@@ -764,6 +765,9 @@ def bench_ttft_real(members: list[Member], cfg: BenchConfig, progress: Callable[
         prefix = FusionEngine(members[:K], alignment="prefix")
         prefix.generate(prompt, weighting, sampling)  # warm-up (its prefix maps)
         own_p = [torch.tensor([encode_text(m.tokenizer, prompt[0]).ids]) for m in prefix.members]
+        own_engine = FusionEngine(members[:K], alignment="own-prompt")
+        own_engine.generate(prompt, weighting, sampling)  # warm-up
+        o_whole, o_solve, r_own, r_own_bound = [], [], [], []
         p_whole, p_solve, p_own, r_prefix = [], [], [], []
         given, whole, solve, prefill, choice, r_given, r_whole = [], [], [], [], [], [], []
         for _ in range(cfg.repeats):
@@ -795,6 +799,11 @@ def bench_ttft_real(members: list[Member], cfg: BenchConfig, progress: Callable[
                 )
             )
             r_prefix.append(p_whole[-1] / (p_own[-1] + p_solve[-1]))
+            start = time.perf_counter()
+            o_solve.append(own_engine.generate(prompt, weighting, sampling)[0].report.solve_seconds)
+            o_whole.append(time.perf_counter() - start)
+            r_own.append(o_whole[-1] / (prefill[-1] + solve[-1]))
+            r_own_bound.append(o_whole[-1] / (choice[-1] + o_solve[-1]))
         row = {
             "K": K,
             "members": "+".join(engine.names),
@@ -811,13 +820,18 @@ def bench_ttft_real(members: list[Member], cfg: BenchConfig, progress: Callable[
             "prefix_own_forwards_ms": 1e3 * _median(p_own),
             "prefix_solve_ms": 1e3 * _median(p_solve),
             "prefix_ratio": _median(r_prefix),
+            "own_prompt_ttft_ms": 1e3 * _median(o_whole),
+            "own_prompt_solve_ms": 1e3 * _median(o_solve),
+            "own_prompt_ratio": _median(r_own),
+            "own_prompt_ratio_own_forwards": _median(r_own_bound),
         }
         rows.append(row)
         progress(
             f"ttft real K={K}: {row['ttft_ms']:.0f} ms = {row['ratio_to_prefill_plus_solve']:.3f} x (prefill "
             f"+ solve); with the choice {row['ttft_with_choice_ms']:.0f} ms = {row['ratio_with_choice']:.3f} x; "
             f"prefix alignment {row['prefix_ttft_ms']:.0f} ms = {row['prefix_ratio']:.3f} x (own-token "
-            "forwards + solve)"
+            f"forwards + solve); own-prompt {row['own_prompt_ttft_ms']:.0f} ms = {row['own_prompt_ratio']:.3f} x "
+            f"(prefill + solve), {row['own_prompt_ratio_own_forwards']:.3f} x (own-token forwards + its solve)"
         )
     return rows
 
@@ -1124,6 +1138,10 @@ def format_results(results: BenchResults) -> str:
                     ("own-token forwards ms", "prefix_own_forwards_ms", ".1f"),
                     ("prefix solve ms", "prefix_solve_ms", ".1f"),
                     ("prefix / (own forwards + solve)", "prefix_ratio", ".3f"),
+                    ("own-prompt TTFT ms", "own_prompt_ttft_ms", ".1f"),
+                    ("own-prompt solve ms", "own_prompt_solve_ms", ".1f"),
+                    ("own-prompt / (prefill + solve)", "own_prompt_ratio", ".3f"),
+                    ("own-prompt / (own forwards + its solve)", "own_prompt_ratio_own_forwards", ".3f"),
                 ],
             ),
         ]

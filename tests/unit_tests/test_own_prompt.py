@@ -66,7 +66,9 @@ def naive_rows(members, ref: int, prompt: str) -> tuple[torch.Tensor, torch.Tens
             row = row[: len(ref_tok)] if k == ref else mined_cols(row, maps[k])
             rows[k].append(torch.log_softmax(row, -1))
     if not targets:
-        return torch.zeros(len(members), 0, len(ref_tok), dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+        return torch.zeros(len(members), 0, len(ref_tok), dtype=torch.float64), torch.zeros(
+            0, dtype=torch.long
+        )
     return torch.stack([torch.stack(r) for r in rows]), torch.tensor(targets)
 
 
@@ -136,6 +138,17 @@ def test_a_call_reads_the_prompt_once_per_member_and_equals_the_naive_decoder(pa
             assert out.report.reference == members[ref].name
             w = [out.report.weights[m.name] for m in members]
             assert out.token_ids == naive_own_prompt(members, ref, w, prompt, 6), (pack, prompt)
+            # each member read its own tokens of the prompt once (the choice's forward), then one token
+            # per new token but the last
+            own = [len(m.tokenizer(prompt)["input_ids"]) for m in members]
+            steps = max(len(out.token_ids) - 1, 0) if out.finish_reason == "length" else len(out.token_ids)
+            for k, m in enumerate(members):  # a member at weight 0 skips the steps
+                assert reads[k] == own[k] + steps * (w[k] > 0), (pack, prompt, k, reads, own)
+            # a call given its reference (no choice) runs the same forwards: the same output
+            given = engine.generate(
+                [prompt], WeightingConfig("optimal"), sampling, reference=engine.reference(ref)
+            )
+            assert given[0].token_ids == out.token_ids and given[0].report.weights == out.report.weights
             # the rows the weights were solved on: each member's perplexity there, plainly
             ppl, fused_ppl = naive_report(members, ref, prompt, w)
             if math.isnan(fused_ppl):  # no byte every member's tokens end at (but the text's end)
@@ -145,17 +158,6 @@ def test_a_call_reads_the_prompt_once_per_member_and_equals_the_naive_decoder(pa
             for m, want in zip(members, ppl):
                 assert out.report.perplexities[m.name] == pytest.approx(want, rel=1e-6), (pack, prompt)
             assert out.report.fused_perplexity == pytest.approx(fused_ppl, rel=1e-6)
-            # each member read its own tokens of the prompt once (the choice's forward), then one token
-            # per new token but the last
-            own = [len(m.tokenizer(prompt)["input_ids"]) for m in members]
-            steps = max(len(out.token_ids) - 1, 0) if out.finish_reason == "length" else len(out.token_ids)
-            for k in range(len(members)):
-                assert reads[k] == own[k] + steps, (pack, prompt, k, reads, own)
-            # a call given its reference (no choice) runs the same forwards: the same output
-            given = engine.generate(
-                [prompt], WeightingConfig("optimal"), sampling, reference=engine.reference(ref)
-            )
-            assert given[0].token_ids == out.token_ids and given[0].report.weights == out.report.weights
     finally:
         counter.close()
     assert refs_seen == {0, 1}, "the prompts should choose each member as the reference"

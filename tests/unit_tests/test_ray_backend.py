@@ -192,6 +192,33 @@ def test_mixed_vocabularies_equal_in_process(mixed):
     assert remote.loglikelihood(ll)[0].logprob == local.loglikelihood(ll)[0].logprob
 
 
+def test_own_prompt_equals_in_process_with_either_reference(mixed_paths):
+    """Under alignment="own-prompt" (each member reads the prompt with its own tokens, the choice's forwards
+    kept as its KV cache on its actor): batches, streams, reports, weights that follow the text and
+    loglikelihood equal the in-process engine's, with the prompts choosing either member as reference."""
+    local = FusionEngine([load_member(p, device="cpu") for p in mixed_paths], alignment="own-prompt")
+    resources = [{"num_cpus": 0, "torch_threads": 1}] * 2
+    remote = load_ray_engine(mixed_paths, member_resources=resources, alignment="own-prompt")
+    try:
+        assert remote.alignment == "own-prompt"
+        sampling = SamplingConfig(max_new_tokens=8)
+        for weighting in (WeightingConfig("optimal"), WeightingConfig("optimal", reweight_every=3)):
+            want = local.generate(PREFIX_PROMPTS, weighting, sampling)
+            got = remote.generate(PREFIX_PROMPTS, weighting, sampling)
+            _same_outputs(want, got)
+            assert {o.report.reference for o in want} == set(local.names)
+            assert [o.report.trajectory for o in want] == [o.report.trajectory for o in got]
+        for prompt in PREFIX_PROMPTS[:2]:
+            assert [c.text for c in remote.stream(prompt, sampling=sampling)] == [
+                c.text for c in local.stream(prompt, sampling=sampling)
+            ]
+        ll = [("def main():", "\n    return 1"), ("        return", " None\n")]
+        assert [r.logprob for r in remote.loglikelihood(ll)] == [r.logprob for r in local.loglikelihood(ll)]
+        assert _cached_calls(remote) == [0, 0]
+    finally:
+        remote.close()
+
+
 # ---------------------------------------------------------------------------------------------- prefix
 
 

@@ -351,3 +351,72 @@ def test_structured_output_returns_the_person_in_the_text(pack, method) -> None:
         assert raw.tool_calls[0]["name"] == "Person"
     else:
         assert Person.model_validate_json(raw.content) == person
+
+
+# ---------------------------------------------------------------------------------------------- own-prompt
+
+
+@pytest.fixture(scope="module")
+def own(pack):
+    """The same three members under ``alignment="own-prompt"`` (each reads the prompt with its own tokens)."""
+    engine = FusionEngine(pack.llm.engine.members, alignment="own-prompt")
+    llm = PackLLM(engine=engine, max_new_tokens=MAX_NEW, temperature=0.0)
+    chat = ChatPackLLM(
+        engine=engine, max_new_tokens=CHAT_MAX, temperature=0.0, constrained_max_tokens=CONSTRAINED_MAX
+    )
+    yield RealPack(llm, chat)
+    engine.close()
+
+
+def test_own_prompt_reads_the_prompt_once_per_member_and_equals_the_naive_decoder(own) -> None:
+    """Each member's embedding reads its own tokens of the prompt once (the reference choice's forward is
+    its prompt reading), then one token per new token; the output equals the naive decoder (no cache) with
+    the reported weights, and the fused perplexity is the optimum over the members'."""
+    from langchain_packllm import SamplingConfig, WeightingConfig
+    from tests.unit_tests.test_plan_matrix import naive_own_prompt
+
+    engine = own.llm.engine
+    engine.generate(PROMPTS[:1], sampling=SamplingConfig(max_new_tokens=1))  # once-per-engine checks run here
+    counts = [0] * len(engine.members)
+
+    def hook(k):
+        def count(module, args, output):
+            counts[k] += int(args[0].numel())
+
+        return count
+
+    handles = [
+        m.model.get_input_embeddings().register_forward_hook(hook(k)) for k, m in enumerate(engine.members)
+    ]
+    refs = set()
+    try:
+        for prompt in PROMPTS:
+            counts[:] = [0] * len(counts)
+            out = engine.generate([prompt], WeightingConfig("optimal"), SamplingConfig(max_new_tokens=3))[0]
+            report = out.report
+            ref = REAL_NAMES.index(report.reference)
+            refs.add(ref)
+            assert report.reference == min(report.bits_per_byte, key=report.bits_per_byte.get)
+            assert report.fused_perplexity <= min(report.perplexities.values()) * (1 + 1e-6)
+            lengths = [len(m.tokenizer(prompt)["input_ids"]) for m in engine.members]
+            steps = len(out.token_ids) - 1 if out.finish_reason == "length" else len(out.token_ids)
+            active = [report.weights[n] > 0 for n in REAL_NAMES]  # a member at weight 0 skips the steps
+            assert counts == [n + steps * a for n, a in zip(lengths, active)], (prompt, counts, lengths)
+            w = [report.weights[n] for n in REAL_NAMES]
+            assert out.token_ids == naive_own_prompt(engine.members, ref, w, prompt, 3), prompt
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(refs) >= 2, "the prompts choose more than one reference"
+
+
+def test_own_prompt_tool_call_and_structured_output_have_the_values_asked_for(own) -> None:
+    msg = own.chat.bind_tools([get_weather], tool_choice="any").invoke(WEATHER_QUESTION)
+    call = _check_call(msg, "get_weather")
+    assert call["args"]["city"] == "Paris"
+    out = own.chat.with_structured_output(Person, include_raw=True).invoke(
+        "Alice is 30 years old. Extract the person."
+    )
+    assert out["parsing_error"] is None and out["parsed"] == Person(name="Alice", age=30)
+    stream = "".join(own.llm.stream(PROMPTS[0]))
+    assert stream == own.llm.invoke(PROMPTS[0]) and "Paris" in stream
