@@ -40,8 +40,8 @@ def run(args) -> dict:
     members = [load_member(p, name=n, device="cpu", torch_dtype="float32") for n, p in zip(REAL_NAMES, paths)]
     names = [m.name for m in members]
     K = len(members)
-    engines = {mode: FusionEngine(members, alignment=mode) for mode in MODES}
-    engines["mined"].prepare_alignment(progress=False)
+    engines = {mode: FusionEngine(members, alignment=mode) for mode in args.modes.split(",")}
+    next(iter(engines.values())).prepare_alignment(progress=False)
     alone = [FusionEngine([m]) for m in members]
     nll: dict[str, dict[str, float]] = {}  # row -> domain -> nats
     inside: dict[
@@ -70,6 +70,10 @@ def run(args) -> dict:
                 own.append(-res.logprob)
                 add(names[k], domain, own[k])
             for mode, engine in engines.items():
+                if args.reweight:  # weights that follow the text: re-solved every N tokens of the rest
+                    config = WeightingConfig("optimal", reweight_every=args.reweight)
+                    (res,) = engine.loglikelihood([(prompt, rest)], config)
+                    add(f"{mode} optimal, reweight_every={args.reweight}", domain, -res.logprob)
                 for weighting in ("optimal", "uniform"):
                     (res,) = engine.loglikelihood([(prompt, rest)], WeightingConfig(weighting))
                     add(f"{mode} {weighting}", domain, -res.logprob)
@@ -105,7 +109,8 @@ def run(args) -> dict:
             "bytes": n,
         }
     return {
-        "command": f"python -m benchmarks.own_prompt_quality_real --docs {args.docs} --tokens {args.tokens}",
+        "command": f"python -m benchmarks.own_prompt_quality_real --docs {args.docs} --tokens {args.tokens} "
+        f"--reweight {args.reweight} --modes {args.modes}",
         "bytes": nbytes,
         "bits_per_byte": bpb,
         "best_member": best,
@@ -134,6 +139,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=2, help="passages per domain")
     parser.add_argument("--tokens", type=int, default=128, help="passage length in SmolLM2 tokens")
+    parser.add_argument("--reweight", type=int, default=0, help="also re-solve every N tokens (0: off)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated alignment modes")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here (and .txt beside it)")
     args = parser.parse_args()
     result = run(args)

@@ -302,7 +302,7 @@ class FusionEngine:
         if prompt:
             prompt, truncated = self._fit_text(prompt, plan.reserve)
         tokens = [
-            prompt_tokens(m.tokenizer, prompt, self.references.own(k).start_token())
+            prompt_tokens(m.tokenizer, prompt, self.references.own(k).start_token)
             for k, m in enumerate(self.members)
         ]
         ids = list(tokens[ref.index].ids)

@@ -565,9 +565,9 @@ class PromptTokens:
     ends: tuple[int, ...]
 
 
-def prompt_tokens(tokenizer: Any, text: str, start_token: int) -> PromptTokens:
-    """``tokenizer``'s reading of a prompt (:func:`encode_prompt`; ``[start_token]`` when that is empty) and
-    its token ends (see :class:`PromptTokens`). Needs a fast tokenizer (offsets)."""
+def prompt_tokens(tokenizer: Any, text: str, start_token: Callable[[], int]) -> PromptTokens:
+    """``tokenizer``'s reading of a prompt (:func:`encode_prompt`; ``[start_token()]`` when that is empty)
+    and its token ends (see :class:`PromptTokens`). Needs a fast tokenizer (offsets)."""
     ids, offsets = _encode_with_offsets(tokenizer, text)
     if offsets is None:
         raise ValueError(
@@ -575,7 +575,7 @@ def prompt_tokens(tokenizer: Any, text: str, start_token: int) -> PromptTokens:
             f"{getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has none. Use alignment='mined'."
         )
     if not ids:
-        return PromptTokens((int(start_token),), (0,))
+        return PromptTokens((int(start_token()),), (0,))
     ends = []
     for j, (_, end) in enumerate(offsets):
         following = offsets[j + 1][0] if j + 1 < len(offsets) else None

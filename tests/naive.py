@@ -1,5 +1,5 @@
-"""Naive references the engine is checked against, written plainly (no cache, no batching), shared by the
-tests of several modules."""
+"""Naive references the engine is checked against, written plainly (no cache, no batching), and a counter
+of what the members read, shared by the tests of several modules."""
 
 from __future__ import annotations
 
@@ -69,3 +69,27 @@ def simplex_qp_by_supports(terms) -> torch.Tensor:
             if bool((w >= -1e-12).all()) and value(w.clamp_min(0)) < best - 1e-15:
                 best, best_w = value(w.clamp_min(0)), w.clamp_min(0) / w.clamp_min(0).sum()
     return best_w
+
+
+class EmbeddedTokens:
+    """How many tokens each member's input embedding has read (every forward, full or base, passes it)."""
+
+    def __init__(self, members):
+        self.counts = [0] * len(members)
+        self.handles = [
+            m.model.get_input_embeddings().register_forward_hook(self._hook(k)) for k, m in enumerate(members)
+        ]
+
+    def _hook(self, k):
+        def hook(module, args, output):
+            self.counts[k] += int(args[0].numel())
+
+        return hook
+
+    def take(self) -> list[int]:
+        counts, self.counts = self.counts, [0] * len(self.counts)
+        return counts
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -20,9 +20,9 @@ from langchain_packllm import FusionEngine, SamplingConfig, WeightingConfig
 from langchain_packllm import weights as W
 from langchain_packllm.alignment import MinEDMap
 from langchain_packllm.reference import PromptTokens, common_rows, prompt_tokens
-from tests.naive import mined_cols, quadratic, simplex_qp_by_supports
+from tests.naive import EmbeddedTokens, mined_cols, quadratic, simplex_qp_by_supports
 from tests.unit_tests.test_plan_matrix import naive_own_prompt
-from tests.unit_tests.test_reference_reuse import EmbeddedTokens, chosen, packs  # noqa: F401 - fixture
+from tests.unit_tests.test_reference_reuse import chosen, packs  # noqa: F401 - fixture
 
 PROMPTS = ["def main(argv):\n    return", "import os\n", "The value of x is", "print(", " the of and"]
 
@@ -142,7 +142,7 @@ def test_a_call_reads_the_prompt_once_per_member_and_equals_the_naive_decoder(pa
             # per new token but the last
             own = [len(m.tokenizer(prompt)["input_ids"]) for m in members]
             steps = max(len(out.token_ids) - 1, 0) if out.finish_reason == "length" else len(out.token_ids)
-            for k, m in enumerate(members):  # a member at weight 0 skips the steps
+            for k in range(len(members)):  # a member at weight 0 skips the steps
                 assert reads[k] == own[k] + steps * (w[k] > 0), (pack, prompt, k, reads, own)
             # a call given its reference (no choice) runs the same forwards: the same output
             given = engine.generate(
@@ -222,7 +222,7 @@ class _NoOffsets:
 
 def test_a_tokenizer_without_offsets_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="own-prompt.*slow.*alignment='mined'"):
-        prompt_tokens(_NoOffsets(), "some text", 0)
+        prompt_tokens(_NoOffsets(), "some text", lambda: 0)
 
 
 def test_empty_and_long_prompts(packs) -> None:  # noqa: F811

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from langchain_packllm import ChatPackLLM, FusionEngine, PackLLM
 from langchain_packllm.chat_models import fallback_template, to_chat_dicts
 from langchain_packllm.lab.pack.real import REAL_NAMES, load_real_pack, missing_packages
+from tests.naive import EmbeddedTokens
 
 pytestmark = [
     pytest.mark.slow,
@@ -111,33 +112,22 @@ def test_the_reference_choice_forward_is_the_reference_prefill(pack, greedy) -> 
     from langchain_packllm import SamplingConfig, WeightingConfig
 
     engine = pack.llm.engine
-    counts = [0] * len(engine.members)
-
-    def hook(k):
-        def count(module, args, output):
-            counts[k] += int(args[0].numel())
-
-        return count
-
-    handles = [
-        m.model.get_input_embeddings().register_forward_hook(hook(k)) for k, m in enumerate(engine.members)
-    ]
+    counter = EmbeddedTokens(engine.members)
     try:
         for prompt, gen in zip(PROMPTS, greedy, strict=True):
             ref = REAL_NAMES.index(gen.generation_info["reference"])
             sampling, weighting = SamplingConfig(max_new_tokens=3), WeightingConfig("optimal")
-            counts[:] = [0] * len(counts)
+            counter.take()
             given = engine.generate([prompt], weighting, sampling, reference=engine.reference(ref))[0]
-            alone = list(counts)
-            counts[:] = [0] * len(counts)
+            alone = counter.take()
             out = engine.generate([prompt], weighting, sampling)[0]
+            counts = counter.take()
             assert out.token_ids == given.token_ids and out.report.weights == given.report.weights
             own = [len(m.tokenizer(prompt)["input_ids"]) for m in engine.members]
             extra = [c - a for c, a in zip(counts, alone, strict=True)]
             assert extra == [0 if k == ref else own[k] for k in range(len(own))], (prompt, extra)
     finally:
-        for h in handles:
-            h.remove()
+        counter.close()
 
 
 def test_stream_concatenates_to_the_invoked_text(pack, greedy) -> None:
@@ -377,22 +367,13 @@ def test_own_prompt_reads_the_prompt_once_per_member_and_equals_the_naive_decode
 
     engine = own.llm.engine
     engine.generate(PROMPTS[:1], sampling=SamplingConfig(max_new_tokens=1))  # once-per-engine checks run here
-    counts = [0] * len(engine.members)
-
-    def hook(k):
-        def count(module, args, output):
-            counts[k] += int(args[0].numel())
-
-        return count
-
-    handles = [
-        m.model.get_input_embeddings().register_forward_hook(hook(k)) for k, m in enumerate(engine.members)
-    ]
+    counter = EmbeddedTokens(engine.members)
     refs = set()
     try:
         for prompt in PROMPTS:
-            counts[:] = [0] * len(counts)
+            counter.take()
             out = engine.generate([prompt], WeightingConfig("optimal"), SamplingConfig(max_new_tokens=3))[0]
+            counts = counter.take()
             report = out.report
             ref = REAL_NAMES.index(report.reference)
             refs.add(ref)
@@ -405,8 +386,7 @@ def test_own_prompt_reads_the_prompt_once_per_member_and_equals_the_naive_decode
             w = [report.weights[n] for n in REAL_NAMES]
             assert out.token_ids == naive_own_prompt(engine.members, ref, w, prompt, 3), prompt
     finally:
-        for h in handles:
-            h.remove()
+        counter.close()
     assert len(refs) >= 2, "the prompts choose more than one reference"
 
 

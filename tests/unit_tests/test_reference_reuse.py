@@ -21,7 +21,7 @@ from langchain_packllm import FusionEngine, SamplingConfig, WeightingConfig
 from langchain_packllm.members import load_member
 from langchain_packllm.reference import added_bos
 from langchain_packllm.testing import make_tiny_model, stdlib_text, train_metaspace_tokenizer
-from tests.naive import plain_bits_per_byte
+from tests.naive import EmbeddedTokens, plain_bits_per_byte
 from tests.unit_tests.test_bos_conventions import naive_greedy
 
 PROMPTS = ["def main(argv):\n    return", "import os\n", "The value of x is", "print(", " the of and"]
@@ -45,30 +45,6 @@ def packs(tmp_path_factory, tiny_paths, mixed_paths, module_home):
     with_bos = [load(tiny_paths[0]), load(str(root / "llama-bos"))]
     assert added_bos(with_bos[1].tokenizer) == bos
     return {"plain": plain, "bos": with_bos}
-
-
-class EmbeddedTokens:
-    """How many tokens each member's input embedding has read (every forward, full or base, passes it)."""
-
-    def __init__(self, members):
-        self.counts = [0] * len(members)
-        self.handles = [
-            m.model.get_input_embeddings().register_forward_hook(self._hook(k)) for k, m in enumerate(members)
-        ]
-
-    def _hook(self, k):
-        def hook(module, args, output):
-            self.counts[k] += int(args[0].numel())
-
-        return hook
-
-    def take(self) -> list[int]:
-        counts, self.counts = self.counts, [0] * len(self.counts)
-        return counts
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def chosen(members, prompt: str) -> int:
