@@ -1,0 +1,193 @@
+"""Would members inside the pack stay close to themselves if they read the reference's text, not its ids?
+
+A measurement for issue 14's goal "each member's perplexity inside the pack within 5% of its perplexity
+alone", on the REAL pack (SmolLM2-135M, Gemma3-270M, Qwen2.5-Coder-0.5B) and the held-out passages of
+``alignment_quality_real`` (``split_passage``: the prompt cut at a byte where all three tokenizers start a
+token). For each ordered pair (reference r, member k), the member scores the reference's tokens of the rest
+three ways, each row read on the reference vocabulary through the MinED columns (``take_columns`` and the
+split of shared images, as the engine reads every non-reference member):
+
+- ``mined``: the engine's reading (``engine.member_logprobs`` with reference r): member k reads the MinED
+  image of every reference id, prompt included (one id per reference token);
+- ``own-prompt``: the prompt with its own tokens, then the MinED image of each reference id of the rest
+  (``alignment="own-prompt"``);
+- ``piecewise``: the prompt with its own tokens, then each reference token's TEXT tokenized by the member
+  (one or more of its own ids per reference token: the same bytes, segmented close to its own way); the row
+  after the last piece of reference token i predicts token i + 1. A reference token whose bytes are not
+  valid UTF-8 alone (a piece of a character) waits for the next ones; until they complete, the member's last
+  row stands for the tokens in between.
+
+Each against the member alone on its own tokens of the same bytes (the ratio of bits). Not an engine mode:
+this measures whether building ``piecewise`` would meet the goal.
+
+Run from the repo root (about 3 minutes on 2 cores)::
+
+    PACKLLM_HOME=$HOME/.cache/packllm .venv/bin/python -m benchmarks.piecewise_reading_real \\
+        --docs 2 --tokens 128 --out docs/results/piecewise-reading-real.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.alignment_quality_real import engine_positions, split_passage
+from langchain_packllm import FusionEngine
+from langchain_packllm.lab.pack.real import REAL_NAMES, real_eval_documents, real_pack_paths
+from langchain_packllm.members import load_member
+from langchain_packllm.reference import encode_prompt
+from langchain_packllm.scoring import take_columns
+
+LOG2 = math.log(2)
+READINGS = ("mined", "own-prompt", "piecewise")
+
+
+def mapped_logprobs(logits: torch.Tensor, token_map) -> torch.Tensor:
+    """A member's rows ``(n, V_k)`` on the reference vocabulary, log-softmaxed (the engine's reading)."""
+    cols = take_columns(logits, token_map.ids.to(logits.device))
+    if token_map.split is not None:
+        cols = cols + token_map.split.to(cols)
+    return torch.log_softmax(cols.double(), -1)
+
+
+def alone_nll(member, text: str, split: int) -> float:
+    """Member alone on its own tokens of ``text``: its NLL (nats) of the tokens starting at byte ``split``."""
+    enc = member.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    byte_at = [0]
+    for ch in text:
+        byte_at.append(byte_at[-1] + len(ch.encode("utf-8")))
+    first = next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and byte_at[a] >= split)
+    with torch.inference_mode():
+        logits = member.model(input_ids=torch.tensor([ids])).logits[0, :, : len(member.tokenizer)]
+    lp = torch.log_softmax(logits.double(), -1)
+    return -sum(float(lp[i - 1, ids[i]]) for i in range(first, len(ids)))
+
+
+def read_rows(member, token_map, prefix: list[int], pieces: list[list[int]]) -> torch.Tensor:
+    """Member's log-probs on the reference vocabulary ``(n, V_ref)``: row 0 after ``prefix``, row i after the
+    pieces of the first i tokens (an empty piece list: the previous row again)."""
+    ids = list(prefix)
+    at = [len(ids) - 1]
+    for p in pieces[:-1]:
+        ids += p
+        at.append(len(ids) - 1)
+    with torch.inference_mode():
+        logits = member.model(input_ids=torch.tensor([ids])).logits[0]
+    return mapped_logprobs(logits[torch.tensor(at)].float(), token_map)
+
+
+def text_pieces(member, surfaces: list[bytes | None], ref_ids: list[int], fallback) -> list[list[int]]:
+    """Each reference token's text tokenized by the member; a token that is not valid UTF-8 alone waits
+    (empty list) until its bytes complete a character; a special token reads its MinED image."""
+    out: list[list[int]] = []
+    pending = b""
+    for rid in ref_ids:
+        data = surfaces[rid]
+        if data is None:
+            out.append([int(fallback[rid])])
+            continue
+        pending += data
+        try:
+            piece = pending.decode("utf-8")
+        except UnicodeDecodeError:
+            out.append([])
+            continue
+        pending = b""
+        out.append(list(member.tokenizer(piece, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def run(args) -> dict:
+    paths = real_pack_paths()
+    members = [load_member(p, name=n, device="cpu", torch_dtype="float32") for n, p in zip(REAL_NAMES, paths)]
+    names = [m.name for m in members]
+    K = len(members)
+    engine = FusionEngine(members, alignment="mined")
+    engine.prepare_alignment(progress=False)
+    refs = [engine.reference(r) for r in range(K)]
+    table: dict[tuple[str, int, int], list[float]] = {}  # (reading, ref, member) -> [inside, alone]
+    started = time.perf_counter()
+    for domain, docs in real_eval_documents(args.docs).items():
+        for doc in docs:
+            passage = split_passage(doc, members, args.tokens)
+            if passage is None:
+                continue
+            text, data, split, encs = passage
+            prompt = data[:split].decode("utf-8")
+            alone = [alone_nll(m, text, split) for m in members]
+            for r in range(K):
+                ref, r_enc = refs[r], encs[r]
+                ids, offset = engine_positions(ref, r_enc, text)
+                j0 = next(
+                    j
+                    for j in range(r_enc.n_text)
+                    if r_enc.starts[r_enc.n_special + j] - len(r_enc.lead) >= split
+                )
+                rest = ids[offset + j0 :]  # the reference's tokens of the rest
+                targets = torch.tensor(rest)
+                lp_mined = engine.member_logprobs([ids], reference=ref)[0]  # K x (1, L, V)
+                surfaces = engine.references.surfaces(r).surfaces
+                for k, m in enumerate(members):
+                    if k == r:
+                        continue
+                    tm = ref.token_maps[k]
+                    rows = {"mined": lp_mined[k][0, offset + j0 - 1 : -1].double()}
+                    own = encode_prompt(m.tokenizer, prompt)
+                    mapped = [[int(tm.ids[t])] for t in rest]
+                    rows["own-prompt"] = read_rows(m, tm, own, mapped)
+                    rows["piecewise"] = read_rows(m, tm, own, text_pieces(m, surfaces, rest, tm.ids))
+                    for reading, lp in rows.items():
+                        nll = -float(lp.gather(-1, targets[:, None]).sum())
+                        cell = table.setdefault((reading, r, k), [0.0, 0.0])
+                        cell[0] += nll
+                        cell[1] += alone[k]
+            print(f"{domain}: {time.perf_counter() - started:.0f} s", flush=True)
+    ratios = {
+        reading: {
+            f"{names[r]} -> {names[k]}": v[0] / v[1] for (rd, r, k), v in table.items() if rd == reading
+        }
+        for reading in READINGS
+    }
+    return {
+        "command": f"python -m benchmarks.piecewise_reading_real --docs {args.docs} --tokens {args.tokens}",
+        "inside_over_alone": ratios,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def markdown(result: dict) -> str:
+    pairs = list(result["inside_over_alone"]["mined"])
+    lines = ["**A member reading the reference's tokens of the rest, inside the pack / alone (bits, same bytes)**",
+             "", "| reference -> member | " + " | ".join(READINGS) + " |", "|---" * (len(READINGS) + 1) + "|"]  # fmt: skip
+    for pair in pairs:
+        lines.append(
+            f"| {pair} | "
+            + " | ".join(f"{result['inside_over_alone'][r][pair]:.3f}" for r in READINGS)
+            + " |"
+        )
+    lines.append(f"\n({result['seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", type=int, default=2, help="passages per domain")
+    parser.add_argument("--tokens", type=int, default=128, help="passage length in SmolLM2 tokens")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here (and .txt beside it)")
+    args = parser.parse_args()
+    result = run(args)
+    text = markdown(result)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.with_suffix(".txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
