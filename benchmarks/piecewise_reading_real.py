@@ -4,8 +4,9 @@ A measurement for issue 14's goal "each member's perplexity inside the pack with
 alone", on the REAL pack (SmolLM2-135M, Gemma3-270M, Qwen2.5-Coder-0.5B) and the held-out passages of
 ``alignment_quality_real`` (``split_passage``: the prompt cut at a byte where all three tokenizers start a
 token). For each ordered pair (reference r, member k), the member scores the reference's tokens of the rest
-three ways, each row read on the reference vocabulary through the MinED columns (``take_columns`` and the
-split of shared images, as the engine reads every non-reference member):
+several ways, each row read on the reference vocabulary through the MinED columns (``take_columns`` and the
+split of shared images, as the engine reads every non-reference member), or, in the last two, by string
+prefix:
 
 - ``mined``: the engine's reading (``engine.member_logprobs`` with reference r): member k reads the MinED
   image of every reference id, prompt included (one id per reference token);
@@ -16,6 +17,12 @@ split of shared images, as the engine reads every non-reference member):
   after the last piece of reference token i predicts token i + 1. A reference token whose bytes are not
   valid UTF-8 alone (a piece of a character) waits for the next ones; until they complete, the member's last
   row stands for the tokens in between.
+
+- ``mined in, prefix out``: the ``mined`` reading, its rows over the member's own vocabulary moved onto the
+  reference's by string prefix (``PrefixAligner.map_boundary``, each member token's mass split over the
+  reference tokens it is consistent with by the reference's own row, as prefix alignment does at a
+  boundary; smoothed as the engine smooths), and ``..., no prior`` (the prefix map alone, no reference
+  information).
 
 Each against the member alone on its own tokens of the same bytes (the ratio of bits). Not an engine mode:
 this measures whether building ``piecewise`` would meet the goal.
@@ -36,15 +43,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.alignment_quality_real import engine_positions, split_passage
+from benchmarks.alignment_quality_real import engine_positions, own_vocab_probs, split_passage
 from langchain_packllm import FusionEngine
+from langchain_packllm import weights as W
+from langchain_packllm.bytealign import smooth_logprobs
 from langchain_packllm.lab.pack.real import REAL_NAMES, real_eval_documents, real_pack_paths
 from langchain_packllm.members import load_member
 from langchain_packllm.reference import encode_prompt
 from langchain_packllm.scoring import take_columns
 
 LOG2 = math.log(2)
-READINGS = ("mined", "own-prompt", "piecewise")
+READINGS = ("mined", "own-prompt", "piecewise", "mined in, prefix out", "mined in, prefix out, no prior")
 
 
 def mapped_logprobs(logits: torch.Tensor, token_map) -> torch.Tensor:
@@ -103,6 +112,40 @@ def text_pieces(member, surfaces: list[bytes | None], ref_ids: list[int], fallba
     return out
 
 
+def fused_nll(engine, prefix_engine, members, r: int, text: str, r_enc, split: int) -> dict[str, float]:
+    """NLL (nats) of the rest under Eq. 1 with ``optimal`` weights solved on the prompt, reference ``r``:
+    every member's rows read through the MinED columns (the engine's ``mined``), or moved by string prefix
+    with the reference's prior (``mined in, prefix out``)."""
+    ref = engine.reference(r)
+    ids, offset = engine_positions(ref, r_enc, text)
+    j0 = next(j for j in range(r_enc.n_text) if r_enc.starts[r_enc.n_special + j] - len(r_enc.lead) >= split)
+    cut = offset + j0 - 1  # the row predicting the rest's first token
+    lp = engine.member_logprobs([ids], reference=ref)[0]
+    mined = torch.stack([x[0, :-1] for x in lp]).double()  # (K, L - 1, V): row i predicts ids[i + 1]
+    aligners = prefix_engine.reference(r).aligners
+    prior = lp[r][0, :-1].float()
+    moved = []
+    for k, m in enumerate(members):
+        if k == r:
+            moved.append(mined[k])
+            continue
+        own = (
+            own_vocab_probs(m, ref.token_maps[k], ids).log().float()
+        )  # the last rows (no row for a hidden BOS)
+        rows = aligners[k].map_boundary(own, prior[-own.shape[0] :])
+        full = torch.zeros_like(mined[k])
+        full[-own.shape[0] :] = torch.log_softmax(smooth_logprobs(rows).double(), -1)
+        moved.append(full)
+    start = 1 if ref.hides_start(ids) else 0
+    y = torch.tensor(ids[1:])
+    out = {}
+    for name, rows in (("mined optimal", mined), ("mined in, prefix out, optimal", torch.stack(moved))):
+        w = W.solve("optimal", rows[:, start:cut], y[start:cut])
+        fused = torch.log_softmax(torch.einsum("k,ktv->tv", w.to(rows), rows[:, cut:]), -1)
+        out[name] = -float(fused.gather(-1, y[cut:, None]).sum())
+    return out
+
+
 def run(args) -> dict:
     paths = real_pack_paths()
     members = [load_member(p, name=n, device="cpu", torch_dtype="float32") for n, p in zip(REAL_NAMES, paths)]
@@ -111,7 +154,10 @@ def run(args) -> dict:
     engine = FusionEngine(members, alignment="mined")
     engine.prepare_alignment(progress=False)
     refs = [engine.reference(r) for r in range(K)]
+    prefix_engine = FusionEngine(members, alignment="prefix")  # for its aligners (member -> reference)
     table: dict[tuple[str, int, int], list[float]] = {}  # (reading, ref, member) -> [inside, alone]
+    fused: dict[str, float] = {}  # row -> NLL (nats) of the rests
+    n_bytes = 0
     started = time.perf_counter()
     for domain, docs in real_eval_documents(args.docs).items():
         for doc in docs:
@@ -133,6 +179,8 @@ def run(args) -> dict:
                 targets = torch.tensor(rest)
                 lp_mined = engine.member_logprobs([ids], reference=ref)[0]  # K x (1, L, V)
                 surfaces = engine.references.surfaces(r).surfaces
+                aligners = prefix_engine.reference(r).aligners
+                prior = lp_mined[r][0, offset + j0 - 1 : -1].float()  # the reference's own rows
                 for k, m in enumerate(members):
                     if k == r:
                         continue
@@ -142,11 +190,29 @@ def run(args) -> dict:
                     mapped = [[int(tm.ids[t])] for t in rest]
                     rows["own-prompt"] = read_rows(m, tm, own, mapped)
                     rows["piecewise"] = read_rows(m, tm, own, text_pieces(m, surfaces, rest, tm.ids))
+                    # the engine's MinED reading, its own-vocabulary rows moved by string prefix instead
+                    own_rows = (
+                        own_vocab_probs(m, tm, ids)[-len(rest) :].log().float()
+                    )  # rows predicting the rest
+                    for name, p in (
+                        ("mined in, prefix out", prior),
+                        ("mined in, prefix out, no prior", None),
+                    ):
+                        moved = aligners[k].map_boundary(own_rows, p)
+                        rows[name] = torch.log_softmax(smooth_logprobs(moved).double(), -1)
                     for reading, lp in rows.items():
                         nll = -float(lp.gather(-1, targets[:, None]).sum())
                         cell = table.setdefault((reading, r, k), [0.0, 0.0])
                         cell[0] += nll
                         cell[1] += alone[k]
+            # fused: the engine's reference for the prompt, weights solved on the prompt, scored on the rest
+            r = engine.choose_reference(prompt)[0].index
+            for name, nll in fused_nll(engine, prefix_engine, members, r, text, encs[r], split).items():
+                fused[name] = fused.get(name, 0.0) + nll
+            fused["best member alone"] = fused.get("best member alone", 0.0) + min(alone)
+            for k in range(K):
+                fused[f"{names[k]} alone"] = fused.get(f"{names[k]} alone", 0.0) + alone[k]
+            n_bytes += len(data) - split
             print(f"{domain}: {time.perf_counter() - started:.0f} s", flush=True)
     ratios = {
         reading: {
@@ -157,6 +223,7 @@ def run(args) -> dict:
     return {
         "command": f"python -m benchmarks.piecewise_reading_real --docs {args.docs} --tokens {args.tokens}",
         "inside_over_alone": ratios,
+        "fused_bits_per_byte": {row: nll / n_bytes / LOG2 for row, nll in fused.items()},
         "seconds": time.perf_counter() - started,
     }
 
@@ -171,6 +238,10 @@ def markdown(result: dict) -> str:
             + " | ".join(f"{result['inside_over_alone'][r][pair]:.3f}" for r in READINGS)
             + " |"
         )
+    lines += ["", "**Fused bits per byte on the rest (the engine's reference; optimal weights from the prompt)**", "",
+              "| row | bits per byte |", "|---|---|"]  # fmt: skip
+    for row, v in result["fused_bits_per_byte"].items():
+        lines.append(f"| {row} | {v:.3f} |")
     lines.append(f"\n({result['seconds']:.0f} s)")
     return "\n".join(lines)
 
