@@ -449,13 +449,17 @@ class FusionEngine:
         if not prompts:
             return []
         weighting, sampling = weighting or WeightingConfig(), sampling or SamplingConfig()
+        if self.alignment in ("own-prompt", "prefix"):
+            # decoded one by one anyway: each prompt planned alone keeps its choice's forwards (a plan of
+            # several prompts keeps none), so every member reads each prompt once
+            done = []
+            for p in prompts:  # a loop, not a comprehension: warnings' stack levels point at the caller
+                ((_, plan),) = self.plan([p], sampling.max_new_tokens, reference)
+                done.extend(self._one(plan, weighting, sampling))
+            return done
         outputs: list[FusionOutput | None] = [None] * len(prompts)
         for indices, plan in self.plan(prompts, sampling.max_new_tokens, reference):
-            if plan.reference.one_prompt_at_a_time:
-                parts = [self._one(p, weighting, sampling) for p in self._split(plan)]
-            else:
-                parts = [self._one(plan, weighting, sampling)]
-            for i, out in zip(indices, [o for part in parts for o in part]):
+            for i, out in zip(indices, self._one(plan, weighting, sampling)):
                 outputs[i] = out
         return outputs
 
@@ -466,24 +470,6 @@ class FusionEngine:
         return [
             FusionOutput(r.text if sampling.stop else ref.decode(r.ids), list(r.ids), r.finish_reason, rep)
             for r, rep in zip(rows, reports)
-        ]
-
-    @staticmethod
-    def _split(plan: Plan) -> list[Plan]:
-        """A plan of several prompts as plans of one prompt each."""
-        return [
-            dataclasses.replace(
-                plan,
-                prompts=(p,),
-                ids=(ids,),
-                truncated=(t,),
-                fallbacks=(f,),
-                bits_per_byte=(b,),
-                readings=plan.readings[i : i + 1],
-            )
-            for i, (p, ids, t, f, b) in enumerate(
-                zip(plan.prompts, plan.ids, plan.truncated, plan.fallbacks, plan.bits_per_byte)
-            )
         ]
 
     def stream(

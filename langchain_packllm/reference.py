@@ -79,11 +79,6 @@ class Reference:
     # forwards), new tokens through the MinED maps; prompts are decoded one at a time
     own_prompt: bool = False
 
-    @property
-    def one_prompt_at_a_time(self) -> bool:
-        """Whether calls decode their prompts one by one (members read prompts with their own tokens)."""
-        return self.alignment == "prefix" or self.own_prompt
-
     def stable_text_length(self, ids: Sequence[int]) -> int:
         """How much of ``decode(ids)`` later tokens cannot change: all of it, except the text of a trailing
         run of byte-fallback tokens (a tokenizer with byte fallback decodes a run of byte tokens that is not

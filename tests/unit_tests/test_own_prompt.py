@@ -181,6 +181,29 @@ def test_fixed_weights_batches_and_streams_equal_the_naive_decoder(packs, pack: 
     assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
 
 
+@pytest.mark.parametrize("pack", ["plain", "bos"])
+def test_a_batch_reads_each_prompt_once_per_member(packs, pack: str) -> None:  # noqa: F811
+    members = packs[pack]
+    engine = FusionEngine(members, alignment="own-prompt")
+    sampling = SamplingConfig(max_new_tokens=4)
+    engine.generate(PROMPTS[:1], sampling=sampling)  # once-per-engine checks (the output layer's) run here
+    alone = [engine.generate([p], WeightingConfig("optimal"), sampling)[0] for p in PROMPTS]
+    counter = EmbeddedTokens(members)
+    try:
+        batch = engine.generate(PROMPTS, WeightingConfig("optimal"), sampling)
+        reads = counter.take()
+    finally:
+        counter.close()
+    assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
+    assert {o.report.reference for o in batch} == {m.name for m in members}
+    for k, m in enumerate(members):
+        want = 0
+        for prompt, out in zip(PROMPTS, batch):
+            steps = len(out.token_ids) - 1 if out.finish_reason == "length" else len(out.token_ids)
+            want += len(m.tokenizer(prompt)["input_ids"]) + steps * (out.report.weights[m.name] > 0)
+        assert reads[k] == want, (pack, k, reads)
+
+
 @pytest.mark.parametrize("ref", [0, 1])
 def test_weights_that_follow_the_text_equal_the_naive_re_solves(packs, ref: int) -> None:  # noqa: F811
     members = packs["bos"]
