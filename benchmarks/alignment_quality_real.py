@@ -101,6 +101,33 @@ def split_passage(doc: str, members, tokens: int):
     return None if split is None else (text, data, split, encs)
 
 
+def real_members() -> list:
+    """The real pack's three members, float32 on the CPU (converted under ``$PACKLLM_HOME``)."""
+    return [
+        load_member(p, name=n, device="cpu", torch_dtype="float32")
+        for n, p in zip(REAL_NAMES, real_pack_paths())
+    ]
+
+
+def script_main(doc: str, run, markdown, *extra: tuple[str, dict]) -> None:
+    """The command line of a real-pack quality script: ``--docs``, ``--tokens``, ``--out`` and ``extra``
+    arguments (``(flag, add_argument keywords)``); prints ``markdown(run(args))`` and, with ``--out``, writes
+    the JSON there and the tables beside it (``.txt``)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--docs", type=int, default=2, help="held-out passages per domain")
+    parser.add_argument("--tokens", type=int, default=128, help="SmolLM2 tokens per passage (at most)")
+    for flag, kwargs in extra:
+        parser.add_argument(flag, **kwargs)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here (and the tables, .txt)")
+    args = parser.parse_args()
+    result = run(args)
+    table = markdown(result)
+    print(table)
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.with_suffix(".txt").write_text(table + "\n")
+
+
 def engine_positions(ref, enc, text: str) -> tuple[list[int], int]:
     """The engine's ids of ``text`` read with ``ref`` and the index in them of ``enc``'s first text token."""
     ids = ref.encode(text)
@@ -159,8 +186,7 @@ def causal_rows(engine, ref_index: int, aligners, r_enc, own_rows: torch.Tensor,
 
 
 def run(args) -> dict:
-    paths = real_pack_paths()
-    members = [load_member(p, name=n, device="cpu", torch_dtype="float32") for n, p in zip(REAL_NAMES, paths)]
+    members = real_members()
     names = [m.name for m in members]
     K = len(members)
     engine = FusionEngine(members, alignment="mined")

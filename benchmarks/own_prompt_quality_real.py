@@ -20,24 +20,19 @@ Run from the repo root (about 6 minutes on 2 idle cores for ``--docs 2``)::
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
-from pathlib import Path
 
-from benchmarks.alignment_quality_real import split_passage
+from benchmarks.alignment_quality_real import real_members, script_main, split_passage
 from langchain_packllm import FusionEngine, WeightingConfig
-from langchain_packllm.lab.pack.real import REAL_NAMES, real_eval_documents, real_pack_paths
-from langchain_packllm.members import load_member
+from langchain_packllm.lab.pack.real import real_eval_documents
 
 LOG2 = math.log(2)
 MODES = ("mined", "own-prompt")
 
 
 def run(args) -> dict:
-    paths = real_pack_paths()
-    members = [load_member(p, name=n, device="cpu", torch_dtype="float32") for n, p in zip(REAL_NAMES, paths)]
+    members = real_members()
     names = [m.name for m in members]
     K = len(members)
     engines = {mode: FusionEngine(members, alignment=mode) for mode in args.modes.split(",")}
@@ -136,19 +131,13 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--docs", type=int, default=2, help="passages per domain")
-    parser.add_argument("--tokens", type=int, default=128, help="passage length in SmolLM2 tokens")
-    parser.add_argument("--reweight", type=int, default=0, help="also re-solve every N tokens (0: off)")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated alignment modes")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON here (and .txt beside it)")
-    args = parser.parse_args()
-    result = run(args)
-    text = markdown(result)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        args.out.with_suffix(".txt").write_text(text + "\n")
+    script_main(
+        __doc__,
+        run,
+        markdown,
+        ("--reweight", {"type": int, "default": 0, "help": "also re-solve every N tokens (0: off)"}),
+        ("--modes", {"default": ",".join(MODES), "help": "comma-separated alignment modes"}),
+    )
 
 
 if __name__ == "__main__":

@@ -35,20 +35,22 @@ Run from the repo root (about 3 minutes on 2 cores)::
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.alignment_quality_real import engine_positions, own_vocab_probs, split_passage
+from benchmarks.alignment_quality_real import (
+    engine_positions,
+    own_vocab_probs,
+    real_members,
+    script_main,
+    split_passage,
+)
 from langchain_packllm import FusionEngine
 from langchain_packllm import weights as W
 from langchain_packllm.bytealign import smooth_logprobs
-from langchain_packllm.lab.pack.real import REAL_NAMES, real_eval_documents, real_pack_paths
-from langchain_packllm.members import load_member
+from langchain_packllm.lab.pack.real import real_eval_documents
 from langchain_packllm.reference import encode_prompt
 from langchain_packllm.scoring import take_columns
 
@@ -147,8 +149,7 @@ def fused_nll(engine, prefix_engine, members, r: int, text: str, r_enc, split: i
 
 
 def run(args) -> dict:
-    paths = real_pack_paths()
-    members = [load_member(p, name=n, device="cpu", torch_dtype="float32") for n, p in zip(REAL_NAMES, paths)]
+    members = real_members()
     names = [m.name for m in members]
     K = len(members)
     engine = FusionEngine(members, alignment="mined")
@@ -247,17 +248,11 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--docs", type=int, default=2, help="passages per domain")
-    parser.add_argument("--tokens", type=int, default=128, help="passage length in SmolLM2 tokens")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON here (and .txt beside it)")
-    args = parser.parse_args()
-    result = run(args)
-    text = markdown(result)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        args.out.with_suffix(".txt").write_text(text + "\n")
+    script_main(
+        __doc__,
+        run,
+        markdown,
+    )
 
 
 if __name__ == "__main__":

@@ -561,18 +561,30 @@ class FusionEngine:
             solution, self.names, weighting, prompt_tokens=n_ctx, reference=ref,
             approx_tokens=ref.approx_count(ids[:n_ctx]), bits_per_byte=bpb,
         )  # fmt: skip
-        cont = ids[n_ctx:]
-        online = start_online(weighting, [solution], [n_ctx])
+        result = self._score_continuation(lp[:, n_ctx - 1 : -1], ids[n_ctx:], solution, report, weighting)
+        self.scorer.recycle(pre.scores)
+        return result
+
+    def _score_continuation(
+        self,
+        rows: torch.Tensor,
+        cont: torch.Tensor,
+        solution,
+        report: FusionReport,
+        weighting: WeightingConfig,
+    ) -> LoglikelihoodResult:
+        """The fused log-likelihood of ``cont`` ``(C,)`` from every member's raw scores ``rows`` ``(K, C, V)``
+        (row t predicts ``cont[t]``), with the context's weights, or, with ``reweight_every``, each block of
+        tokens with the weights solved on the text before it."""
+        online = start_online(weighting, [solution], [report.prompt_tokens])
         if online is None:
-            fused = torch.einsum("k,ktv->tv", solution.weights.to(lp), lp[:, n_ctx - 1 : -1])  # (C, V)
+            fused = torch.einsum("k,ktv->tv", solution.weights.to(rows), rows)  # (C, V)
             fused = torch.log_softmax(fused.double(), dim=-1)
-        else:  # each block of reweight_every tokens with the weights solved on the text before it
-            fused = online.fused_logprobs(lp[:, n_ctx - 1 : -1], cont)
+        else:
+            fused = online.fused_logprobs(rows, cont)
             report = with_trajectories([report], online, self.names)[0]
         logprob = float(fused.gather(-1, cont.view(-1, 1)).sum())
-        is_greedy = bool((fused.argmax(-1) == cont).all())
-        self.scorer.recycle(pre.scores)
-        return LoglikelihoodResult(logprob, is_greedy, report)
+        return LoglikelihoodResult(logprob, bool((fused.argmax(-1) == cont).all()), report)
 
     def _loglikelihood_own(
         self, ref: Reference, context: str, cont: list[int], weighting: WeightingConfig, bpb
@@ -593,17 +605,7 @@ class FusionEngine:
         if len(cont) > 1:
             read = self.scorer.read(ref, ids[:, :-1], None, None, pre.caches, range(K))
             lp = torch.cat([lp, torch.stack([read[k][0].to(lp) for k in range(K)])], dim=1)
-        # (K, C, V) raw logits: position t predicts cont[t]
-        online = start_online(weighting, [solution], [report.prompt_tokens])
-        target = ids[0]
-        if online is None:
-            fused = torch.einsum("k,ktv->tv", solution.weights.to(lp), lp)
-            fused = torch.log_softmax(fused.double(), dim=-1)
-        else:
-            fused = online.fused_logprobs(lp, target)
-            report = with_trajectories([report], online, self.names)[0]
-        logprob = float(fused.gather(-1, target.view(-1, 1)).sum())
-        return LoglikelihoodResult(logprob, bool((fused.argmax(-1) == target).all()), report)
+        return self._score_continuation(lp, ids[0], solution, report, weighting)  # lp: (K, C, V)
 
 
 def _follows(config: WeightingConfig) -> bool:

@@ -255,6 +255,8 @@ class ReferencePolicy:
             self.alignment = alignment
         else:
             self.alignment = "mined" if alignment == "auto" and mismatch else "none"
+        # what the references say (Reference.alignment): own-prompt reads new tokens through MinED maps
+        self._mode = "mined" if self.alignment == "own-prompt" else self.alignment
         self._eos = [frozenset(m.eos_token_ids) for m in self.members]
         self._references: dict[int, Reference] = {}
         self._own: dict[int, Reference] = {}  # member index -> its own view (ReferencePolicy.own)
@@ -310,8 +312,7 @@ class ReferencePolicy:
             from langchain_packllm.bytealign import PrefixAligner
 
             aligners = tuple(PrefixAligner(m.tokenizer, member.tokenizer) for m in self.members)
-        mode = "mined" if self.alignment == "own-prompt" else self.alignment
-        return Reference(index, member.name, member.tokenizer, vocab, self._eos[index], mode, tuple(maps),
+        return Reference(index, member.name, member.tokenizer, vocab, self._eos[index], self._mode, tuple(maps),
                          aligners, byte_ids, own_prompt=self.alignment == "own-prompt")  # fmt: skip
 
     def surfaces(self, index: int):
@@ -387,16 +388,14 @@ class ReferencePolicy:
 
         values: list[float] = []
         for value in iter_bits_per_byte(self.members, text, forward):
-            values.append(value)  # MinED keeps only the best forward so far: at most two are held at once
-            best = _lowest(values)
-            for k in [k for k in forwards if k != best and not keep_all]:
-                del forwards[k]
+            values.append(value)
+            if not keep_all:  # MinED keeps only the best forward so far: at most two are held at once
+                best = _lowest(values)
+                for k in [k for k in forwards if k != best]:
+                    del forwards[k]
         bpb = tuple(values)
         index = _lowest(bpb)
-        if keep_all:
-            kept = Reading(forwards) if forwards else None
-        else:
-            kept = Reading({index: forwards[index]}) if index in forwards else None
+        kept = Reading(forwards) if forwards else None  # MinED: the chosen member's forward alone
         return self.reference(index), bpb, kept
 
     def own(self, index: int) -> Reference:
@@ -406,9 +405,8 @@ class ReferencePolicy:
         if ref is None:
             member = self.members[index]
             K = len(self.members)
-            mode = "mined" if self.alignment == "own-prompt" else self.alignment
             ref = Reference(index, member.name, member.tokenizer, len(member.tokenizer), self._eos[index],
-                            mode, (None,) * K, None, _byte_fallback_ids(member.tokenizer))  # fmt: skip
+                            self._mode, (None,) * K, None, _byte_fallback_ids(member.tokenizer))  # fmt: skip
             with self._lock:
                 ref = self._own.setdefault(index, ref)
         return ref

@@ -19,6 +19,21 @@ def mined_cols(logits: torch.Tensor, mined: MinEDMap) -> torch.Tensor:
     return logits[..., ids] - torch.log(shared.double()).to(logits)
 
 
+def own_prompt_next_logprobs(members, ref: int, own: list[list[int]], out: list[int], maps) -> torch.Tensor:
+    """``(K, V_ref)``: each member's next-token log-probs on the reference vocabulary (``alignment=
+    "own-prompt"``, no cache) after its own prompt ids ``own[k]`` and the new reference tokens ``out``, read
+    through its MinED map ``maps[k]`` (ref -> member) by every member but the reference."""
+    ref_tok = members[ref].tokenizer
+    rows = []
+    with torch.no_grad():
+        for k, m in enumerate(members):
+            inp = own[k] + (out if k == ref else [int(maps[k].ids[i]) for i in out])
+            logits = m.model(input_ids=torch.tensor([inp])).logits[0, -1].double()
+            cols = logits[: len(ref_tok)] if k == ref else mined_cols(logits, maps[k])
+            rows.append(torch.log_softmax(cols, -1))
+    return torch.stack(rows)
+
+
 def plain_bits_per_byte(members, text: str) -> list[float]:
     """Bits per byte of each member on the same bytes: after the longest first token among the members,
     from each member's first token that starts there (character offsets; these texts are ASCII)."""

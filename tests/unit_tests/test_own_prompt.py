@@ -20,7 +20,13 @@ from langchain_packllm import FusionEngine, SamplingConfig, WeightingConfig
 from langchain_packllm import weights as W
 from langchain_packllm.alignment import MinEDMap
 from langchain_packllm.reference import PromptTokens, common_rows, prompt_tokens
-from tests.naive import EmbeddedTokens, mined_cols, quadratic, simplex_qp_by_supports
+from tests.naive import (
+    EmbeddedTokens,
+    mined_cols,
+    own_prompt_next_logprobs,
+    quadratic,
+    simplex_qp_by_supports,
+)
 from tests.unit_tests.test_plan_matrix import naive_own_prompt
 from tests.unit_tests.test_reference_reuse import chosen, packs  # noqa: F401 - fixture
 
@@ -82,19 +88,6 @@ def naive_report(members, ref: int, prompt: str, weights: list[float]) -> tuple[
     return ppl, math.exp(-float(fused.gather(-1, y[:, None]).mean()))
 
 
-def naive_last(members, ref: int, own: list[list[int]], out: list[int], maps) -> torch.Tensor:
-    """``(K, V_ref)``: each member's next-token log-probs after its own prompt ids and the new tokens."""
-    ref_tok = members[ref].tokenizer
-    rows = []
-    with torch.no_grad():
-        for k, m in enumerate(members):
-            inp = own[k] + (out if k == ref else [int(maps[k].ids[i]) for i in out])
-            logits = m.model(input_ids=torch.tensor([inp])).logits[0, -1].double()
-            cols = logits[: len(ref_tok)] if k == ref else mined_cols(logits, maps[k])
-            rows.append(torch.log_softmax(cols, -1))
-    return torch.stack(rows)
-
-
 def naive_online_own(members, ref: int, prompt: str, n: int, every: int):
     """Greedy decoding with the weights re-solved every ``every`` tokens (as ``test_online``'s naive decoder:
     each position's quadratic kept, minimised over the simplex by trying every support), the prompt's
@@ -107,7 +100,7 @@ def naive_online_own(members, ref: int, prompt: str, n: int, every: int):
     own = [m.tokenizer(prompt)["input_ids"] for m in members]
     out, used = [], []
     for t in range(n):
-        last = naive_last(members, ref, own, out, maps)
+        last = own_prompt_next_logprobs(members, ref, own, out, maps)
         nxt = int(torch.argmax(w @ last))
         used.append(w)
         if nxt in members[ref].eos_token_ids:

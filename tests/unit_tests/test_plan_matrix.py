@@ -25,7 +25,7 @@ from langchain_packllm.alignment import MinEDMap
 from langchain_packllm.chat_models import fallback_template, to_chat_dicts
 from langchain_packllm.members import load_member
 from langchain_packllm.testing import make_tiny_model, stdlib_text, train_metaspace_tokenizer
-from tests.naive import mined_cols
+from tests.naive import mined_cols, own_prompt_next_logprobs
 from tests.unit_tests.test_engine_alignment import naive_prefix_greedy
 
 pytestmark = pytest.mark.filterwarnings("ignore:Prompt of .* does not fit:UserWarning")
@@ -136,11 +136,8 @@ def naive_own_prompt(members, ref: int, weights, prompt: str, n: int, processor=
     with torch.no_grad():
         for _ in range(n):
             fused = 0
-            for k, (w, m) in enumerate(zip(weights, members)):
-                inp = own[k] + (out if k == ref else [int(maps[k].ids[i]) for i in out])
-                logits = m.model(input_ids=torch.tensor([inp])).logits[0, -1].double()
-                cols = logits[: len(ref_tok)] if k == ref else mined_cols(logits, maps[k])
-                fused = fused + w * torch.log_softmax(cols, -1)
+            for w, row in zip(weights, own_prompt_next_logprobs(members, ref, own, out, maps)):
+                fused = fused + w * row
             if processor is not None:
                 fused = processor(torch.tensor([own[ref] + out]), torch.log_softmax(fused, -1)[None])[0]
             nxt = int(torch.argmax(fused))
