@@ -4,7 +4,9 @@ Packs of two tiny members with different tokenizers (a Metaspace BPE with byte f
 BPE), in both orders, under ``alignment="mined"``, ``"own-prompt"`` and ``"prefix"``; the reference member is forced to each
 member in turn (``reference`` is chosen per prompt, so the tests pin it to exercise both). Greedy decoding
 with fixed weights is checked token for token against naive decoders written plainly (no cache, no
-batching); constrained decoding against the same naive loop with the grammar mask applied by hand.
+batching); constrained decoding against the same naive loop with the grammar mask applied by hand. The
+member read through a MinED map computes its logits on the ids the map reads in one order and its whole
+output layer in the other (``Scorer.mapped_head``).
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ def case(request, members):
     mode, order, ref = request.param
     pack = members if order == "ms-first" else members[::-1]
     engine = FusionEngine(pack, alignment=mode)
+    # the member read through a map computes its logits on the mapped ids only in one order (Scorer.mapped_head),
+    # its whole output layer gathered in the other: both against the naive decoders
+    engine.scorer.mapped_head_max_fraction = 1.0 if order == "ms-first" else 0.0
     return mode, pack, ref, engine
 
 
