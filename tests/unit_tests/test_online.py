@@ -382,6 +382,8 @@ def test_held_steps_give_the_same_statistics_in_any_block_size(weighting, monkey
 
     small, large = run(3 * K * V), run(1 << 22)
     for name in ("linear", "hess", "nll"):
-        assert torch.allclose(getattr(small, name), getattr(large, name), rtol=1e-6, atol=1e-6), name
+        # the moments are computed in the scores' float32 (batched products of another batch count round
+        # differently: 7.6e-6 on Hessian entries of 20-30, 4 float32 ulps, on one 2-core host), summed in float64
+        assert torch.allclose(getattr(small, name), getattr(large, name), rtol=1e-5, atol=1e-5), name
     assert small.counts == large.counts == [4 + sum(b in r for r in rows_at) for b in range(B)]
     assert bool(getattr(large, "nll" if weighting == "sim" else "hess").abs().sum() > 0)

@@ -57,6 +57,9 @@ def shared(tiny_paths):
 @pytest.fixture(scope="module")
 def mixed(mixed_paths):
     local = FusionEngine([load_member(p, device="cpu") for p in mixed_paths])
+    # a member on an actor sends back its whole output layer (no mapped head, Scorer.mapped_head): the
+    # in-process engine is compared on the same computation, bit for bit
+    local.scorer.mapped_head_max_fraction = 0.0
     resources = [{"num_cpus": 1, "torch_threads": 1}, {"num_cpus": 1}]
     remote = load_ray_engine(mixed_paths, member_resources=resources)
     yield local, remote
@@ -197,6 +200,7 @@ def test_own_prompt_equals_in_process_with_either_reference(mixed_paths):
     kept as its KV cache on its actor): batches, streams, reports, weights that follow the text and
     loglikelihood equal the in-process engine's, with the prompts choosing either member as reference."""
     local = FusionEngine([load_member(p, device="cpu") for p in mixed_paths], alignment="own-prompt")
+    local.scorer.mapped_head_max_fraction = 0.0  # as the actors compute (see the mixed fixture)
     resources = [{"num_cpus": 0, "torch_threads": 1}] * 2
     remote = load_ray_engine(mixed_paths, member_resources=resources, alignment="own-prompt")
     try:
