@@ -279,13 +279,15 @@ def fused_step_seconds(
     steps: int,
     no_eos: bool = False,
     weighting: WeightingConfig | None = None,
+    reference: int = 0,
 ) -> float:
     """Seconds per fused decode step, between the first and the last token of one decode run (the engine's
     decode-step iterator, as ``generate`` runs it). ``no_eos``: no token ends a row (real members have EOS
-    ids; the bound runs exactly ``steps`` steps). ``weighting``: uniform by default."""
+    ids; the bound runs exactly ``steps`` steps). ``weighting``: uniform by default. ``reference``: the
+    member whose tokenizer reads the prompts."""
     weighting = weighting or WeightingConfig("uniform")
     sampling = SamplingConfig(max_new_tokens=steps + 1)
-    ((_, plan),) = engine.plan(prompts, sampling.max_new_tokens, engine.reference(0))
+    ((_, plan),) = engine.plan(prompts, sampling.max_new_tokens, engine.reference(reference))
     if no_eos:
         plan = replace(plan, reference=replace(plan.reference, eos_ids=frozenset()))
     decoding = engine.decode_steps(plan, weighting, sampling, track_text=False)
