@@ -32,7 +32,7 @@ KEEP_BUFFER_BYTES = 256 << 20
 # ones the map reads are ever used. When U is at most this fraction of V, the member's logits are computed
 # on those U rows only (Scorer.mapped_head: a copy of them, U x H, made once per member and map), so its
 # output layer costs U/V of its own. On the real pack Gemma 3 read by SmolLM2 uses 47,026 of 262,144 rows
-# (18%), by Qwen2.5 101,272 (39%); Qwen2.5 read by SmolLM2 41,330 of 151,936 (27%). Qwen2.5 read by Gemma 3
+# (18%), by Qwen2.5 101,272 (39%); Qwen2.5 read by SmolLM2 40,849 of 151,936 (27%). Qwen2.5 read by Gemma 3
 # (67%) measured no faster with a copy of its rows than whole (benchmarks/mapped_head_real.py), so copies
 # of more than half the rows are not made.
 MAPPED_HEAD_MAX_FRACTION = 0.5
