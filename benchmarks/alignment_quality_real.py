@@ -109,13 +109,14 @@ def real_members() -> list:
     ]
 
 
-def script_main(doc: str, run, markdown, *extra: tuple[str, dict]) -> None:
-    """The command line of a real-pack quality script: ``--docs``, ``--tokens``, ``--out`` and ``extra``
-    arguments (``(flag, add_argument keywords)``); prints ``markdown(run(args))`` and, with ``--out``, writes
-    the JSON there and the tables beside it (``.txt``)."""
+def script_main(doc: str, run, markdown, *extra: tuple[str, dict], passages: bool = True) -> None:
+    """The command line of a real-pack script: ``--docs`` and ``--tokens`` (the held-out passages; not
+    with ``passages=False``), ``--out`` and ``extra`` arguments (``(flag, add_argument keywords)``); prints
+    ``markdown(run(args))`` and, with ``--out``, writes the JSON there and the tables beside it (``.txt``)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--docs", type=int, default=2, help="held-out passages per domain")
-    parser.add_argument("--tokens", type=int, default=128, help="SmolLM2 tokens per passage (at most)")
+    if passages:
+        parser.add_argument("--docs", type=int, default=2, help="held-out passages per domain")
+        parser.add_argument("--tokens", type=int, default=128, help="SmolLM2 tokens per passage (at most)")
     for flag, kwargs in extra:
         parser.add_argument(flag, **kwargs)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here (and the tables, .txt)")

@@ -16,15 +16,13 @@ Run from the repo root (about 6 minutes on 2 idle cores)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.alignment_quality_real import real_members
+from benchmarks.alignment_quality_real import real_members, script_main
 from langchain_packllm import FusionEngine
 from langchain_packllm.lab.bench import fused_step_seconds, real_texts
 
@@ -94,19 +92,16 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompt", type=int, default=244, help="prompt tokens of the prefill")
-    parser.add_argument("--steps", type=int, default=16, help="decode steps per timing")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON here (and the table, .txt)")
-    args = parser.parse_args()
-    result = run(args)
-    table = markdown(result)
-    print(table)
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        args.out.with_suffix(".txt").write_text(table + "\n")
+    script_main(
+        __doc__,
+        run,
+        markdown,
+        ("--prompt", {"type": int, "default": 244, "help": "prompt tokens of the prefill"}),
+        ("--steps", {"type": int, "default": 16, "help": "decode steps per timing"}),
+        ("--repeats", {"type": int, "default": 3}),
+        ("--threads", {"type": int, "default": 2}),
+        passages=False,
+    )
 
 
 if __name__ == "__main__":

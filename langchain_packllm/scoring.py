@@ -221,18 +221,16 @@ class Scorer:
             return self.logits(ref, k, ref_ids, attention_mask, position_ids, cache, lead=lead)
         if hidden:
             return out.last_hidden_state
+        if token_map is None:
+            return out.logits[..., : ref.vocab_size]
         if mapped is not None:  # the logits of the mapped ids only, placed on the reference vocabulary
             h = out.last_hidden_state
             logits = take_columns(torch.nn.functional.linear(h, mapped.weight, mapped.bias), mapped.columns)
-            if token_map.split is not None:
-                logits = logits + token_map.split.to(logits.dtype)
-            return logits
-        if token_map is not None:
+        else:
             logits = take_columns(out.logits, token_map.ids)  # member logits -> reference vocabulary
-            if token_map.split is not None:  # a member token read by n reference tokens: 1/n each
-                logits = logits + token_map.split.to(logits.dtype)
-            return logits
-        return out.logits[..., : ref.vocab_size]
+        if token_map.split is not None:  # a member token read by n reference tokens: 1/n each
+            logits = logits + token_map.split.to(logits.dtype)
+        return logits
 
     def linear_head(self, k: int) -> LinearHead | None:
         """Member k's output layer when its logits are exactly ``base(x).last_hidden_state @ W.T + b`` (the

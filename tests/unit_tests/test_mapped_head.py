@@ -17,19 +17,7 @@ from langchain_packllm import FusionEngine, SamplingConfig, WeightingConfig
 from langchain_packllm.scoring import LinearHead
 
 PROMPTS = ["def main(argv):\n    return", "The value of x is"]
-ORDERS = ("ms-first", "bl-first")
-
-
-@pytest.fixture(scope="module")
-def members(module_home, tiny_paths, tmp_path_factory):
-    from langchain_packllm.members import load_member
-    from langchain_packllm.testing import make_tiny_model, stdlib_text, train_metaspace_tokenizer
-
-    root = tmp_path_factory.mktemp("metaspace-head")
-    tok = train_metaspace_tokenizer(stdlib_text(200_000), vocab_size=300)
-    make_tiny_model("llama", tok, seed=5).save_pretrained(root)
-    tok.save_pretrained(root)
-    return [load_member(p, torch_dtype="float64", device="cpu") for p in (str(root), tiny_paths[0])]
+ORDERS = ("bl-first", "ms-first")  # mixed64 is [byte-level GPT-2, Metaspace Llama]
 
 
 def engines(pack, mode: str) -> tuple[FusionEngine, FusionEngine]:
@@ -40,8 +28,8 @@ def engines(pack, mode: str) -> tuple[FusionEngine, FusionEngine]:
 
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("ref", [0, 1])
-def test_scores_equal_the_gathered_full_logits_and_only_mapped_members_get_a_head(members, order, ref):
-    pack = members if order == "ms-first" else members[::-1]
+def test_scores_equal_the_gathered_full_logits_and_only_mapped_members_get_a_head(mixed64, order, ref):
+    pack = mixed64 if order == "bl-first" else mixed64[::-1]
     on, off = engines(pack, "mined")
     reference = on.reference(ref)
     ids = [reference.encode(p) for p in PROMPTS]  # two rows of different lengths: left-padded
@@ -62,8 +50,8 @@ def test_scores_equal_the_gathered_full_logits_and_only_mapped_members_get_a_hea
 @pytest.mark.parametrize("mode", ["mined", "own-prompt"])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("ref", [0, 1])
-def test_decoding_and_loglikelihood_equal_the_gathered_full_logits(members, mode, order, ref, monkeypatch):
-    pack = members if order == "ms-first" else members[::-1]
+def test_decoding_and_loglikelihood_equal_the_gathered_full_logits(mixed64, mode, order, ref, monkeypatch):
+    pack = mixed64 if order == "bl-first" else mixed64[::-1]
     on, off = engines(pack, mode)
     for engine in (on, off):  # every prompt picks member ``ref`` (the choice is per prompt)
         monkeypatch.setattr(
@@ -85,8 +73,8 @@ def test_decoding_and_loglikelihood_equal_the_gathered_full_logits(members, mode
     assert on.scorer.mapped_head(on.reference(ref), 1 - ref) is not None
 
 
-def test_the_fraction_decides_and_a_head_is_built_once(members):
-    engine = FusionEngine(members)
+def test_the_fraction_decides_and_a_head_is_built_once(mixed64):
+    engine = FusionEngine(mixed64)
     reference, k = engine.reference(0), 1
     distinct = torch.unique(reference.token_maps[k].ids).numel()
     fraction = distinct / engine.scorer.linear_head(k).weight.shape[0]
@@ -94,7 +82,7 @@ def test_the_fraction_decides_and_a_head_is_built_once(members):
     assert engine.scorer.mapped_head(reference, k) is None  # decided once: kept off for this map
     engine.scorer.mapped_head_max_fraction = 1.0
     assert engine.scorer.mapped_head(reference, k) is None
-    fresh = FusionEngine(members)
+    fresh = FusionEngine(mixed64)
     fresh.scorer.mapped_head_max_fraction = fraction
     head = fresh.scorer.mapped_head(fresh.reference(0), k)
     assert head is not None and head is fresh.scorer.mapped_head(fresh.reference(0), k)
@@ -111,8 +99,8 @@ class _RejectsCache(torch.nn.Module):
         raise TypeError("forward() got an unexpected keyword argument 'past_key_values'")
 
 
-def test_a_base_that_rejects_the_arguments_falls_back_to_the_models_own_logits(members):
-    on, off = engines(members, "mined")
+def test_a_base_that_rejects_the_arguments_falls_back_to_the_models_own_logits(mixed64):
+    on, off = engines(mixed64, "mined")
     reference, k = on.reference(0), 1
     head = on.scorer.linear_head(k)
     on.scorer._heads[k] = LinearHead(_RejectsCache(head.base), head.weight, head.bias)
